@@ -84,3 +84,25 @@ def network_kwargs_from_official(config: dict) -> dict:
     """ScoreNetwork keyword arguments from a released ``config.json`` (its ``model`` section)."""
     model = config.get("model", config)
     return {ours: model[theirs] for theirs, ours in OFFICIAL_NETWORK_KEYS.items() if theirs in model}
+
+
+def load_module(path, map_location="cpu"):
+    """A `UQDMModule` from a Lightning checkpoint (training's, or `uqdm import-official`'s), loaded
+    weights-only; its `state_dict` holds the averaged weights when training used the EMA callback.
+
+    Raises:
+        UQDMError: as `safe_load`, or when the checkpoint is not a UQDM model's.
+    """
+    from .module import UQDMModule
+
+    checkpoint = safe_load(path, map_location)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise UQDMError(f"{path} is not a uqdm checkpoint (no hyper_parameters/state_dict)")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    try:
+        module = UQDMModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UQDMError(f"{path} does not fit a uqdm model: {str(e).splitlines()[0]}") from e
+    return module.eval()

@@ -1,0 +1,29 @@
+# make train | make test | make bench | make sweep SWEEP=sweeps/steps.yaml
+# Every target installs first, into $(VENV), and skips the install when nothing changed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= experiments/default.yaml
+
+.PHONY: install train test bench sweep clean
+
+install: $(STAMP)
+
+# torch and torchvision are pinned as a pair (torchvision needs its own torch release); pip takes
+# them from the local wheel cache where one exists.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: install
+	$(BIN)/uqdm fit --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache

@@ -1,0 +1,74 @@
+"""Training callbacks: the paper's EMA and a summary of where a run went and how far it got."""
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+
+from .rng import seeded
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of every parameter (the network's and the learned schedule's)
+    through Lightning's weight-averaging machinery, with the paper's warm-up of the decay.
+
+    After n updates the decay is min(decay, (1 + n)/(10 + n)), so a short run validates and saves
+    averaged weights that have moved away from the initial ones. Lightning's `EMAWeightAveraging`
+    uses a constant decay; this is the same callback with the warm-up added. Validation and saved
+    checkpoints use the averaged weights.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True):
+        def ema(averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+            n = int(n_averaged) + 1
+            rate = min(decay, (1 + n) / (10 + n)) if warmup else decay
+            return torch.lerp(averaged, current, 1.0 - rate)
+
+        super().__init__(avg_fn=ema)
+        self.decay = decay
+
+
+class TrainingSummary(Callback):
+    """Measures validation bpd before the first step and prints it next to the final one, with
+    the paths of the checkpoints and logs."""
+
+    def __init__(self):
+        self.start_bpd: float | None = None
+
+    @torch.no_grad()
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.val_dataloaders
+        if loaders is None or self.start_bpd is not None:
+            return
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        mean = MeanMetric().to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        for batch_idx, batch in enumerate(loader):
+            with seeded(batch_idx):
+                bpd = pl_module.bits_per_dim(batch.to(pl_module.device))["bpd"]
+            mean.update(bpd, weight=batch.shape[0])
+        pl_module.train(was_training)
+        self.start_bpd = float(mean.compute())
+
+    def state_dict(self) -> dict:
+        return {"start_bpd": self.start_bpd}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.start_bpd = state_dict.get("start_bpd")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        final = trainer.callback_metrics.get("val/bpd")
+        label = " (theoretical rate)" if getattr(pl_module, "rate_is_theoretical", False) else ""
+        if self.start_bpd is not None and final is not None:
+            final = float(final)
+            change = 100.0 * (final - self.start_bpd) / self.start_bpd
+            print(f"validation bpd{label}: {self.start_bpd:.4f} at step 0 -> {final:.4f} "
+                  f"at step {trainer.global_step} ({change:+.1f}%)")
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None:
+            print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or ckpt.best_model_path})")
+        if trainer.logger is not None:
+            print(f"logs: {trainer.logger.save_dir} ({type(trainer.logger).__name__})")
