@@ -33,19 +33,22 @@ def wandb_offline_without_account() -> None:
     os.environ["WANDB_MODE"] = "offline"
 
 
-def lightning_main(argv: list[str]) -> None:
+def lightning_main(argv: list[str] | None) -> None:
     """LightningCLI over `UQDMModule` and any LightningDataModule, configs parsed by OmegaConf."""
     import lightning as L
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
     from .module import UQDMModule
 
     wandb_offline_without_account()
+    # omegaconf+: interpolations such as ${model.n_timesteps} resolve after command-line overrides
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     LightningCLI(
         UQDMModule,
         L.LightningDataModule,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=argv,
     )
@@ -60,11 +63,12 @@ def tools_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point of `uqdm`, `lightning` and `python -m uqdm`; `argv` defaults to sys.argv[1:]."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] in TOOLS:
-            args = tools_parser(argv[0]).parse_args(argv)
-            args.run(args)
+        if args and args[0] in TOOLS:
+            tool_args = tools_parser(args[0]).parse_args(args)
+            tool_args.run(tool_args)
         else:
             lightning_main(argv)
     except UQDMError as error:
