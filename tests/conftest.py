@@ -1,6 +1,9 @@
+import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
