@@ -46,7 +46,7 @@ class TrainingSummary(Callback):
         was_training = pl_module.training
         pl_module.eval()
         for batch_idx, batch in enumerate(loader):
-            with seeded(batch_idx):
+            with seeded(batch_idx), trainer.precision_plugin.val_step_context():
                 bpd = pl_module.bits_per_dim(batch.to(pl_module.device))["bpd"]
             mean.update(bpd, weight=batch.shape[0])
         pl_module.train(was_training)
