@@ -25,5 +25,8 @@ train: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache
