@@ -34,22 +34,88 @@ def wandb_offline_without_account() -> None:
 
 
 def lightning_main(argv: list[str] | None) -> None:
-    """LightningCLI over `UQDMModule` and any LightningDataModule, configs parsed by OmegaConf."""
+    """LightningCLI over `UQDMModule` and any LightningDataModule, configs parsed by OmegaConf.
+
+    Every checkpoint is read weights-only (`--ckpt_path` of fit/validate/test/predict, and the
+    hyperparameters LightningCLI reads from it); a file that needs any other global is refused with
+    a one-line error. Checkpoints are written atomically (`AtomicCheckpointIO`, unless the config
+    names another CheckpointIO plugin). `fit --ckpt_path last` resumes the newest ``last*.ckpt`` of
+    the configured run (`find_last_checkpoint`, also where the checkpoint folder depends on the
+    logger's run), and the resumed run continues the interrupted one: its random generators
+    (`ResumeState`) and its logger run (W&B id or logger version, unless the config sets one).
+    """
+    import pickle
+
     import lightning as L
     from jsonargparse import set_parsing_settings
+    from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.cli import LightningCLI
 
+    from .checkpoint_io import AtomicCheckpointIO, ResumeState, continue_logger_runs, find_last_checkpoint
+    from .checkpoints import safe_load
     from .module import UQDMModule
+
+    class UQDMCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            self.resumed_checkpoint = None
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand) if subcommand else None
+            ckpt_path = config.get("ckpt_path") if config is not None else None
+            if ckpt_path == "last" and subcommand == "fit":
+                found = find_last_checkpoint(config.get("trainer") or {})
+                if found is not None:
+                    config["ckpt_path"] = ckpt_path = str(found)
+            if ckpt_path and os.path.isfile(ckpt_path):
+                # Before LightningCLI reads hyperparameters from it: refuse a malicious file in one line.
+                self.resumed_checkpoint = safe_load(ckpt_path)
+
+        def before_instantiate_classes(self) -> None:
+            if self.subcommand == "fit" and self.resumed_checkpoint is not None:
+                continue_logger_runs(self.config.fit.get("trainer") or {}, self.resumed_checkpoint)
+            self.resumed_checkpoint = None  # the Trainer loads it again; don't hold two copies
+
+        def instantiate_trainer(self, **kwargs):
+            plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            return super().instantiate_trainer(**kwargs)
+
+        def _weights_only(self, run, kwargs: dict):
+            if kwargs.get("weights_only") is False:
+                raise UQDMError("uqdm loads checkpoints weights-only; --weights_only false is not supported")
+            kwargs["weights_only"] = True
+            try:
+                return run(**kwargs)
+            except pickle.UnpicklingError as e:  # read by another CheckpointIO plugin than ours
+                lines = str(e).splitlines() or [type(e).__name__]
+                reason = next((line for line in lines if "GLOBAL" in line), lines[0]).strip()
+                raise UQDMError(f"refusing to load {kwargs.get('ckpt_path')}: {reason}") from e
+
+        # LightningCLI runs `self.<subcommand>` where defined, instead of the Trainer's method.
+        def fit(self, **kwargs):
+            return self._weights_only(self.trainer.fit, kwargs)
+
+        def validate(self, **kwargs):
+            return self._weights_only(self.trainer.validate, kwargs)
+
+        def test(self, **kwargs):
+            return self._weights_only(self.trainer.test, kwargs)
+
+        def predict(self, **kwargs):
+            return self._weights_only(self.trainer.predict, kwargs)
 
     wandb_offline_without_account()
     # omegaconf+: interpolations such as ${model.n_timesteps} resolve after command-line overrides
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    LightningCLI(
+    UQDMCLI(
         UQDMModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [ResumeState()]},
         args=argv,
     )
 

@@ -2,12 +2,14 @@
 logs the NELBO's terms in bits per dimension, and sets up Adam with a linear warm-up."""
 
 import math
+import os
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .diffusion import DIFFUSIONS, GaussianDiffusion, UQDM
+from .errors import UQDMError
 from .network import ScoreNetwork
 from .rng import seeded
 from .schedules import make_schedule
@@ -22,6 +24,13 @@ class UQDMModule(L.LightningModule):
     `gamma_min`/`gamma_max`. Network: see `uqdm.network.ScoreNetwork`.
     Optimiser: Adam(`lr`, (`beta1`, `beta2`), `eps`, `weight_decay`), learning rate ramped
     linearly from 0 over `warmup` steps. Gradient clipping and precision are Trainer options.
+
+    A training step whose loss or gradient is not finite is skipped: the optimiser does not step,
+    so neither the weights, Adam's state nor the EMA change, and `global_step` does not advance
+    (the learning-rate warm-up, which Lightning steps once per batch, does).
+    Skips are counted (`nonfinite_steps`, logged as ``train/skipped_nonfinite``); after
+    `max_nonfinite_in_a_row` consecutive ones training saves ``nonfinite.ckpt`` (in the checkpoint
+    folder) and stops with a `UQDMError`.
     """
 
     def __init__(
@@ -50,10 +59,16 @@ class UQDMModule(L.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         warmup: int = 1000,
+        max_nonfinite_in_a_row: int = 10,
     ):
         super().__init__()
         if diffusion not in DIFFUSIONS:
             raise ValueError(f"unknown diffusion {diffusion!r}; choose one of {DIFFUSIONS}")
+        if max_nonfinite_in_a_row < 1:
+            raise ValueError("max_nonfinite_in_a_row must be at least 1")
+        self.nonfinite_steps = 0  # skipped training steps in the whole run (kept in checkpoints)
+        self.nonfinite_in_a_row = 0
+        self._skip_step = False
         self.save_hyperparameters()
         network = ScoreNetwork(
             n_channels=n_channels,
@@ -104,11 +119,81 @@ class UQDMModule(L.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name == "bpd", on_step=per_step,
                      on_epoch=not per_step, batch_size=batch_size, sync_dist=not per_step)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         terms = self.bits_per_dim(batch)
-        self._log_terms("train", terms, batch.shape[0])
-        self.log("gamma_min", self.model.schedule.gamma_min.detach(), on_step=True)
-        return terms["bpd"]
+        finite = bool(torch.isfinite(terms["bpd"]))
+        if not finite:
+            self._skip_nonfinite("loss", float(terms["bpd"].detach()))
+        else:
+            self._log_terms("train", terms, batch.shape[0])
+            self.log("gamma_min", self.model.schedule.gamma_min.detach(), on_step=True)
+        self.log("train/skipped_nonfinite", float(self.nonfinite_steps), on_step=True, batch_size=batch.shape[0])
+        return terms["bpd"] if finite else None  # None: Lightning skips backward, see `optimizer_step`
+
+    # ---- non-finite steps ------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Between backward and the update: skip the step if the loss of any of its batches was
+        not finite, or if a gradient is not finite (possible with a finite loss). With a float16
+        grad scaler, overflowing gradients are the scaler's to handle (it skips the step and
+        lowers its scale), so only the loss is checked."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not self._skip_step and scaler is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                self._skip_nonfinite("gradient")
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)  # torch's optimisers leave gradient-less parameters alone
+        else:
+            self.nonfinite_in_a_row = 0
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)  # the closure runs training_step and backward
+        if self._skip_step:
+            self._skip_step = False
+            self._uncount_optimizer_step()
+
+    def _skip_nonfinite(self, what: str, value: float | None = None) -> None:
+        """Mark this step to be skipped and count it; after `max_nonfinite_in_a_row` in a row,
+        save a checkpoint and stop."""
+        self._skip_step = True
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_in_a_row:
+            path = self._nonfinite_checkpoint_path()
+            self.trainer.save_checkpoint(path)
+            last = f"{what} {value}" if value is not None else f"non-finite {what}"
+            raise UQDMError(
+                f"stopped training: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                f"gradient (last: {last}; {self.nonfinite_steps} skipped in all); the weights before them "
+                f"(step {self.trainer.global_step}) are in {path}; check the data, the learning rate and "
+                f"gradient clipping (limit: model.max_nonfinite_in_a_row)"
+            )
+
+    def _nonfinite_checkpoint_path(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
+        return os.path.join(folder, "nonfinite.ckpt")
+
+    def _uncount_optimizer_step(self) -> None:
+        """Take back the optimizer step Lightning counts for every batch, even one whose
+        `training_step` returned None, so that `global_step` (and with it the EMA, which averages
+        once per step, and step-based checkpointing) only counts steps that changed the weights.
+        Called inside `optimizer_step`, between Lightning's ``ready`` and ``completed`` increments."""
+        progress = self.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+        for tracker in (progress.total, progress.current):
+            tracker.ready -= 1
+            tracker.completed -= 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = {"total": self.nonfinite_steps, "in_a_row": self.nonfinite_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counts = checkpoint.get("nonfinite_steps") or {}
+        self.nonfinite_steps = int(counts.get("total", 0))
+        self.nonfinite_in_a_row = int(counts.get("in_a_row", 0))
+
+    # ----------------------------------------------------------------------------------------------
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         with seeded(batch_idx):  # the same noise every validation, so epochs compare
