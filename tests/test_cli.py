@@ -52,7 +52,7 @@ def test_fit_trains_validates_saves_and_reports(tmp_path, capsys, monkeypatch):
     main(["fit", "--config", DEFAULT, *TINY])
     out = capsys.readouterr().out
     assert "validation bpd: " in out and "at step 0 -> " in out and "at step 4" in out
-    assert "checkpoints: " in out and "logs: runs" in out
+    assert "checkpoint (last): " in out and "checkpoint (best by val/bpd): " in out and "logs: runs" in out
     ckpts = list((tmp_path / "runs").rglob("last.ckpt"))
     assert len(ckpts) == 1
 

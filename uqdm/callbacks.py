@@ -67,8 +67,9 @@ class TrainingSummary(Callback):
             change = 100.0 * (final - self.start_bpd) / self.start_bpd
             print(f"validation bpd{label}: {self.start_bpd:.4f} at step 0 -> {final:.4f} "
                   f"at step {trainer.global_step} ({change:+.1f}%)")
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None:
-            print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or ckpt.best_model_path})")
+        for ckpt in trainer.checkpoint_callbacks:
+            path = ckpt.last_model_path or ckpt.best_model_path
+            kind = "last" if ckpt.last_model_path else f"best by {ckpt.monitor}" if ckpt.monitor else "latest"
+            print(f"checkpoint ({kind}): {path}")
         if trainer.logger is not None:
             print(f"logs: {trainer.logger.save_dir} ({type(trainer.logger).__name__})")
