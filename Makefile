@@ -28,5 +28,13 @@ test: install
 bench: install
 	$(BIN)/python bench/run.py
 
+# One W&B agent per visible GPU (GPUS_PER_RUN=k: per group of k GPUs, DDP within a run); see
+# docs/scale-out.md. The venv comes first on PATH: the agents run `python -m uqdm fit ...`.
+SWEEP ?= sweeps/steps.yaml
+GPUS_PER_RUN ?= 1
+
+sweep: install
+	PATH="$(abspath $(BIN)):$$PATH" GPUS_PER_RUN=$(GPUS_PER_RUN) bash scripts/sweep_agents.sh $(SWEEP)
+
 clean:
 	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache

@@ -1,0 +1,355 @@
+"""Progressive evaluation: BD-rate, classical codecs, the progressive chain (against the codec),
+the training callback in a real Trainer (with FID on random Inception weights), `uqdm evaluate`
+end to end, and the Kodak 64×64 figures of the released tiny weights."""
+
+import json
+import math
+import urllib.error
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.logger import Logger
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from uqdm import codec
+from uqdm.cli import main
+from uqdm.codec.official import import_official
+from uqdm.evaluation import ProgressiveMetrics, SharedNoise, bd_rate, point_names, progressive_chain
+from uqdm.evaluation.classical import CODECS, sweep
+from uqdm.evaluation.fid import FeatureMoments, frechet_distances
+from uqdm.evaluation.metrics import ProgressiveScores
+from uqdm.evaluation.pipeline import run_chain
+from uqdm.images import box_resize_center_crop, load_images
+from uqdm.module import UQDMModule
+
+
+def tiny_module(n_timesteps: int = 2, seed: int = 0) -> UQDMModule:
+    """A small UQDM with random weights everywhere (so the zero-initialised heads do something)."""
+    torch.manual_seed(seed)
+    module = UQDMModule(n_timesteps=n_timesteps, embedding_dim=8, norm_groups=4, gamma_min=-8.0, gamma_max=5.0)
+    with torch.no_grad():
+        for p in module.model.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
+def photo(size: int) -> torch.Tensor:
+    """A natural uint8 3×size×size image (scikit-image's astronaut, box-downsampled)."""
+    return box_resize_center_crop(torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).contiguous(), size)
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# --- BD-rate -----------------------------------------------------------------------------------
+def test_bd_rate_of_the_same_curve_at_nine_tenths_the_rate_is_minus_ten_percent():
+    rates, psnrs = [0.25, 0.5, 1.0, 2.0, 4.0], [26.0, 29.5, 32.0, 36.0, 38.5]
+    assert bd_rate(rates, psnrs, [0.9 * r for r in rates], psnrs) == pytest.approx(-10.0, abs=1e-9)
+    assert bd_rate([0.9 * r for r in rates], psnrs, rates, psnrs) == pytest.approx(100 / 9, abs=1e-9)
+    # a line in log-rate (interpolated exactly): only the shared PSNR range counts, and a point
+    # off the frontier (more bits, less quality) is ignored
+    line = [30 + 3 * math.log2(r) for r in rates]
+    shifted = [1.1 * r for r in rates[2:]] + [100.0]
+    assert bd_rate(rates, line, shifted, line[2:] + [31.0]) == pytest.approx(10.0, abs=1e-9)
+    assert bd_rate(rates, psnrs, rates, [p + 20 for p in psnrs]) is None  # disjoint ranges
+
+
+# --- classical codecs --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CODECS))
+def test_classical_codec_rates_come_from_real_bytes_and_rise_with_quality(name):
+    codec_ = CODECS[name]
+    if not codec_.available():
+        pytest.skip(f"{name} is not available in this installation")
+    image = photo(48)
+    points = sweep(codec_, [image])
+    assert len(points) == len(codec_.qualities)
+    bpp = [p["bpp"] for p in points]
+    psnr = [p["psnr"] for p in points]
+    order = 1 if codec_.qualities[-1] > codec_.qualities[0] else -1  # JPEG 2000's knob is a ratio
+    ranked = sorted(zip(codec_.qualities, bpp, psnr), key=lambda q: order * q[0])
+    assert ranked[-1][1] > 2 * ranked[0][1] and ranked[-1][2] > ranked[0][2] + 5
+    rises = sum(b2 >= b1 for (_, b1, _), (_, b2, _) in zip(ranked, ranked[1:]))
+    assert rises >= len(ranked) - 2  # monotone up to an odd step of the encoder
+    data = codec_.encode(image.permute(1, 2, 0).numpy(), codec_.qualities[0])
+    assert points[0]["bpp"] == pytest.approx(8 * len(data) / 48**2)
+    assert all(0 < p["ssim"] <= 1 for p in points)
+
+
+# --- the progressive chain ---------------------------------------------------------------------
+def test_progressive_chain_points_bits_and_exact_last_point():
+    model = tiny_module(n_timesteps=3).model.double()
+    x = random_images(3, 8)
+    noise = SharedNoise.draw(x.shape, 3, torch.Generator().manual_seed(1))
+    methods = ["denoise", "ancestral", "flow_based"]
+    result = progressive_chain(model, x, noise, methods, torch.Generator().manual_seed(2))
+    assert point_names(3) == ["z1", "step_1", "step_2", "step_3", "lossless"]
+    assert result.bits.shape == (3, 5)
+    assert torch.all(result.bits[:, 0] == 0) and torch.all(result.bits.diff(dim=1) > 0)
+    for pictures in result.pictures.values():
+        assert len(pictures) == 5 and all(p.dtype == torch.uint8 and p.shape == x.shape for p in pictures)
+        assert torch.equal(pictures[-1], x)
+    # the first picture is the denoised prediction at z_1; the chain does not depend on the methods
+    first = model.reconstruct(noise.top, 0, "denoise")
+    assert torch.equal(result.pictures["denoise"][0], first)
+    alone = progressive_chain(model, x, noise, ["denoise"])
+    assert torch.equal(alone.bits, result.bits)
+
+
+def test_chain_matches_the_codec_bits_and_pictures():
+    """With the codec's draws, the chain's ideal bits are the codec's per-chunk ideal bits and its
+    denoise pictures are what decoding the file shows (float64 on both sides)."""
+    module = tiny_module(n_timesteps=2)
+    image = random_images(1, 12, seed=3)[0]  # 12×12 in 8-pixel tiles: 4 tiles, padded
+    data = codec.compress(module, [image], seed=5, tile=8)[0]
+    decoded = codec.decompress(module, data, all_points=True)
+    scores = ProgressiveScores(4, ["denoise"])
+    run_chain(module.model.double(), [image], scores, seed=5, tile=8)
+    result = scores.compute()
+    ideal = np.cumsum([0.0, *decoded.ideal_bits]) / 144
+    assert result["bpp"] == pytest.approx(ideal.tolist(), rel=1e-6)  # float32 means
+    for shown, psnr in zip(decoded.points[:-1], result["psnr"]["denoise"]):
+        expected = 10 * math.log10(255**2 / ((shown.double() - image.double()) ** 2).mean().item())
+        assert psnr == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(decoded.points[-1], image)
+
+
+# --- the callback --------------------------------------------------------------------------------
+class RecordingLogger(Logger):
+    """A logger with W&B's `log_table` / `log_image` that records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics, self.tables, self.images = [], {}, {}
+
+    name, version = "recording", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+        self.tables[key] = (columns, data)
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images[key] = images
+
+
+def loaders(n: int = 4, size: int = 8, batch_size: int = 2):
+    data = list(random_images(n, size))
+    return DataLoader(data, batch_size=batch_size), DataLoader(data, batch_size=batch_size)
+
+
+def trainer(tmp_path, callback, loggers, **kwargs) -> L.Trainer:
+    return L.Trainer(callbacks=[callback], logger=loggers, default_root_dir=tmp_path, accelerator="cpu",
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kwargs)
+
+
+def test_callback_logs_every_point_in_a_real_fit(tmp_path):
+    module = tiny_module(n_timesteps=2).train()
+    csv, recording = CSVLogger(tmp_path), RecordingLogger()
+    callback = ProgressiveMetrics(every_n_epochs=2, methods=["denoise", "flow_based"], num_images_grid=2)
+    train, val = loaders()
+    trainer(tmp_path, callback, [csv, recording], max_epochs=3, limit_train_batches=1).fit(module, train, val)
+
+    points = ["z1", "step_1", "step_2", "lossless"]
+    logged = [m for m in recording.metrics if "val/bpp/z1" in m]
+    assert len(logged) == 2  # epochs 0 and 2 of 0, 1, 2
+    keys = set(logged[0])
+    assert {f"val/bpp/{p}" for p in points} <= keys
+    assert {f"val/psnr/{m}/{p}" for m in ("denoise", "flow_based") for p in points[:-1]} <= keys
+    assert not any("lossless" in k and "psnr" in k for k in keys) and not any("fid" in k for k in keys)
+    bpp = [logged[0][f"val/bpp/{p}"] for p in points]
+    assert bpp[0] == 0 and all(b > a for a, b in zip(bpp, bpp[1:]))
+
+    columns, rows = recording.tables["val/rd_table"]
+    assert columns[:2] == ["point", "bpp"] and [r[0] for r in rows] == points
+    assert recording.images["val/rd_plot"][0].ndim == 3
+    grid = recording.images["val/progressive/denoise"][0]
+    assert grid.dtype == np.uint8 and grid.shape[0] > grid.shape[1] / len(points)  # 2 rows of 4 points
+    files = sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0" / "progressive").iterdir())
+    names = ("rd_table.csv", "rd_plot.png", "progressive_denoise.png", "progressive_flow_based.png")
+    # after epochs 0 and 2, of one step each
+    assert {f"val_step{step}_{name}" for step in (1, 3) for name in names} == set(files)
+
+    trainer(tmp_path, callback, [recording]).test(module, val)
+    assert "test/psnr/denoise/step_1" in recording.metrics[-1] and "test/rd_table" in recording.tables
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random (He-initialised) weights, saved as a state dict."""
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save({}, path)
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the fresh initialisation
+            pass
+
+    torch.manual_seed(0)
+    network = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    for m in network.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_callback_fid_runs_through_torchmetrics_with_the_weights_option(tmp_path, random_inception_weights):
+    module = tiny_module(n_timesteps=1)
+    recording = RecordingLogger()
+    callback = ProgressiveMetrics(fid=True, fid_weights=str(random_inception_weights), num_images_grid=0)
+    _, val = loaders(n=2)
+    trainer(tmp_path, callback, [recording]).validate(module, val)
+    fid = {k: v for k, v in recording.metrics[-1].items() if k.startswith("val/fid/")}
+    assert set(fid) == {"val/fid/denoise/z1", "val/fid/denoise/step_1"}
+    assert all(math.isfinite(v) and v > 0 for v in fid.values())
+
+
+def test_frechet_distance_matches_the_closed_form_of_a_scaled_copy():
+    """Fake features s·f of real features f: d² = (1 − s)²·(‖μ‖² + tr Σ) (the √ term is s·tr Σ)."""
+    features = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).double() + 0.5
+    real, fake, single = FeatureMoments(64), FeatureMoments(64), FeatureMoments(64)
+    real.update(features)
+    fake.update(0.7 * features)
+    single.update(features[:1])
+    mean, cov = features.mean(0), torch.cov(features.T)
+    expected = 0.09 * float(mean.square().sum() + cov.trace())
+    assert frechet_distances(real.compute(), [fake.compute(), real.compute(), single.compute()]) == [
+        pytest.approx(expected, rel=1e-6), pytest.approx(0.0, abs=1e-6), None]  # one image: no FID
+
+
+def test_offline_without_weights_fid_is_off_with_one_warning(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    callback = ProgressiveMetrics(fid=True, fid_weights=str(tmp_path / "missing.pth"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.setup(None, tiny_module(n_timesteps=1), "validate")
+    messages = [str(w.message) for w in caught if "FID is off" in str(w.message)]
+    assert len(messages) == 1 and "missing.pth" in messages[0]
+    assert callback.scores.inception is None
+
+
+# --- `uqdm evaluate` -----------------------------------------------------------------------------
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    module = tiny_module(n_timesteps=2)
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photos = {"a.png": photo(16), "b.png": box_resize_center_crop(photo(40), 24)[:, :20]}  # 16×16 and 20×24
+    for name, image in photos.items():
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
+    out = tmp_path / "out"
+    main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(folder), "--methods", "denoise,ancestral",
+          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "step_2" in printed and "BD-rate of UQDM" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 2 and results["ssim_metric"] == "ssim"
+    points = results["uqdm"]["points"]
+    assert [p["point"] for p in points] == [0, 1, 2, 3] and [p["name"] for p in points][-1] == "lossless"
+    ideal, real = [p["bpp_ideal"] for p in points], [p["bpp_file"] for p in points]
+    assert ideal[0] == 0 and all(b > a for a, b in zip(ideal, ideal[1:]))
+    assert all(r > i for r, i in zip(real, ideal))  # header and coder overhead
+    assert results["uqdm"]["nelbo_bpp"] == ideal[-1]
+    assert set(points[1]["psnr"]) == {"denoise", "ancestral"} and points[-1]["psnr"]["denoise"] is None
+    assert all(p["fid"] is None for p in points)
+    assert set(results["codecs"]) == {"jpeg", "webp"} and set(results["bd_rate"]) == {"jpeg", "webp"}
+    assert {"quality", "bpp", "psnr"} <= set(results["codecs"]["jpeg"][0])
+
+    assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = {p.stem: json.loads(p.read_text()) for p in (out / "compressai").iterdir()}
+    assert set(curves) == {"uqdm-denoise", "uqdm-ancestral", "jpeg", "webp"}
+    for curve in curves.values():
+        assert set(curve) == {"name", "description", "results"}
+        assert len(curve["results"]["bpp"]) == len(curve["results"]["psnr"]) == len(curve["results"]["ms-ssim"]) > 1
+    assert curves["uqdm-denoise"]["results"]["bpp"] == real[:-1]
+
+    module = UQDMModule(**torch.load(tiny_checkpoint)["hyper_parameters"])
+    module.load_state_dict(torch.load(tiny_checkpoint)["state_dict"])
+    for name, image in photos.items():  # the files are real: they decode to the exact images
+        data = (out / "files" / name).with_suffix(".uqdm").read_bytes()
+        assert torch.equal(codec.decompress(module, data).image, image)
+
+
+def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, tiny_checkpoint, capsys):
+    array = random_images(2, 24).permute(0, 2, 3, 1).numpy()[:, :, :20]  # N×H×W×3, 24×20
+    np.save(tmp_path / "images.npy", array)
+    out = tmp_path / "out"
+    main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(tmp_path / "images.npy"), "--size", "8",
+          "--methods", "flow_based", "--codecs", "none", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["size"] == 8 and results["codecs"] == {} and results["bd_rate"] == {}
+    assert len(list((out / "files").iterdir())) == 2
+
+    for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"]):
+        args = ["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(tmp_path / "images.npy"), "--out", str(out)]
+        with pytest.raises(SystemExit) as exit_:
+            main(args + bad)
+        assert exit_.value.code == 2
+    assert capsys.readouterr().err.count("uqdm: error: ") == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", "x", "--methods", "blur", "--out", str(out)])
+    assert exit_.value.code == 2
+
+
+# --- the released tiny weights on Kodak 64×64 ------------------------------------------------------
+SEEDS = (0, 24, 48, 72)  # `--seed N` codes image n with seed N + n: these share no draw
+STEP_1_SEED_STD = 0.015  # bpp: std over seeds of step 1's mean over the 24 images (measured, 24 seeds)
+
+
+def test_released_tiny_weights_reproduce_the_kodak64_reference(shared_data):
+    """Denoise figures of `uqdm evaluate --size 64` (the same chain and draws, without the files)
+    against the paper code's, as means over our SEEDS and over the reference's three seeds.
+
+    The random z_1 of each image moves the first points: over seeds, the 24-image mean rate at
+    step 1 has a standard deviation of about 3% of itself and the PSNR at z_1 about 0.25 dB, so
+    single-seed comparisons there are coin flips. Every figure must meet the issue's tolerance
+    (bpp 3%, lossless 0.5%, PSNR 0.5 dB, 1 dB at z_1) except step 1's rate, which must be within 3
+    standard errors of the difference of the two means (≈ 0.034 bpp, 7%).
+    """
+    reference = json.loads((shared_data / "official" / "uqdm-tiny" / "reference-kodak64.json").read_text())["runs"]
+    official = import_official(shared_data / "official" / "uqdm-tiny")
+    module = UQDMModule(**official["hyper_parameters"])
+    module.load_state_dict(official["state_dict"])
+    images = [box_resize_center_crop(image, 64) for _, image in load_images(shared_data / "kodak")]
+    bpp, psnr = [], []
+    for seed in SEEDS:
+        scores = ProgressiveScores(6, ["denoise"])
+        run_chain(module.model.eval(), images, scores, seed=seed, batch_size=24)
+        result = scores.compute()
+        bpp.append(result["bpp"])
+        psnr.append(result["psnr"]["denoise"][:-1])
+        assert result["psnr"]["denoise"][-1] is None  # lossless: every image exact
+    runs = [reference[f"{s}/denoise"] for s in range(3)]
+    ref_bpp = np.mean([r["bpp"] for r in runs], axis=0)
+    ref_psnr = np.mean([r["mean_psnr"][:-1] for r in runs], axis=0)
+    bpp, psnr = np.mean(bpp, axis=0), np.mean(psnr, axis=0)
+
+    assert bpp[0] == 0
+    standard_error = STEP_1_SEED_STD * math.sqrt(1 / len(SEEDS) + 1 / len(runs))
+    assert abs(bpp[1] - ref_bpp[1]) < 3 * standard_error
+    assert bpp[2:5] == pytest.approx(ref_bpp[2:5], rel=0.03)
+    assert bpp[5] == pytest.approx(ref_bpp[5], rel=0.005)
+    assert psnr[0] == pytest.approx(ref_psnr[0], abs=1.0)
+    assert psnr[1:] == pytest.approx(ref_psnr[1:], abs=0.5)

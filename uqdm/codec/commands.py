@@ -1,0 +1,165 @@
+"""The codec's subcommands: import-official, compress, decompress, truncate, info.
+
+Argument parsing and file handling only; `uqdm.cli` turns a `UQDMError` into one line on stderr
+and exit code 2.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from uqdm.checkpoints import load_module
+from uqdm.diffusion import RECONSTRUCTIONS
+from uqdm.errors import UQDMError
+from uqdm.images import load_image, save_png, write_atomic
+
+from .codec import chunk_ideal_bits, compress, decompress
+from .container import parse, truncate
+from .official import WEIGHTS, import_official, save_checkpoint
+
+BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach this many tiles
+
+
+def register(subparsers) -> None:
+    """Add the codec's subcommands to the `uqdm` tool parser."""
+    p = subparsers.add_parser("import-official", help="turn a released model folder into a uqdm checkpoint")
+    p.add_argument("directory", help="folder with config.json and checkpoint.pt")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema",
+                   help="ema: averaged network and schedule (default); raw: raw network, initial schedule")
+    p.set_defaults(run=run_import_official)
+
+    p = subparsers.add_parser("compress", help="compress images into .uqdm files")
+    p.add_argument("--ckpt", required=True, help="model checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, WebP, ... files")
+    _outputs(p, "the .uqdm file (one image only)", "write DIR/<image stem>.uqdm")
+    p.add_argument("--steps", type=int,
+                   help="chunks to code: K ≤ T steps make a lossy file; default T + 1 (lossless)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared randomness (stored in the file)")
+    p.add_argument("--tile", type=int, default=64, help="tile size (default 64, the released models' size)")
+    p.set_defaults(run=run_compress)
+
+    p = subparsers.add_parser("decompress", help="decode .uqdm files (or prefixes of them) to PNG")
+    p.add_argument("--ckpt", required=True, help="the checkpoint the files were compressed with")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    _outputs(p, "the PNG (one file only)", "write DIR/<file stem>.png")
+    p.add_argument("--steps", type=int, help="decode only the first K chunks")
+    p.add_argument("--method", choices=RECONSTRUCTIONS, default="denoise", help="reconstruction of lossy points")
+    p.add_argument("--all-steps", metavar="DIR", type=Path,
+                   help="also write every truncation point's picture as DIR/<file stem>_<chunks>.png")
+    p.set_defaults(run=run_decompress)
+
+    p = subparsers.add_parser("truncate", help="cut a .uqdm file after its first K chunks (no model needed)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--steps", type=int, required=True, help="chunks to keep")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(run=run_truncate)
+
+    p = subparsers.add_parser("info", help="describe a .uqdm file as JSON (chunk bytes = payload bytes; "
+                              "step T + 1 is the lossless chunk)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--ckpt", help="also report each chunk's ideal bits under this model")
+    p.set_defaults(run=run_info)
+
+
+def _outputs(parser: argparse.ArgumentParser, single: str, many: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("-o", "--output", type=Path, help=single)
+    group.add_argument("--out-dir", type=Path, metavar="DIR", help=many)
+
+
+def _destinations(inputs: list[str], args, suffix: str) -> list[Path]:
+    """-o for a single input, else DIR/<stem><suffix>, refusing two inputs with the same stem."""
+    if args.output is not None:
+        if len(inputs) != 1:
+            raise UQDMError(f"-o takes one input, got {len(inputs)}; use --out-dir")
+        return [args.output]
+    stems = [Path(p).stem for p in inputs]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash is not None:
+        raise UQDMError(f"two inputs are named {clash!r}; their outputs would overwrite each other")
+    return [args.out_dir / f"{s}{suffix}" for s in stems]
+
+
+def _read(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UQDMError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Show warnings as `uqdm: warning: <message>` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"uqdm: warning: {message}", file=sys.stderr)
+
+
+def run_import_official(args) -> None:
+    checkpoint = import_official(args.directory, args.weights)
+    save_checkpoint(checkpoint, args.output)
+    print(f"{args.output}: {args.weights} weights of {args.directory}")
+
+
+def run_compress(args) -> None:
+    if args.tile < 1:
+        raise UQDMError(f"--tile must be positive, got {args.tile}")
+    outputs = _destinations(args.images, args, ".uqdm")
+    images = [load_image(p) for p in args.images]
+    model = load_module(args.ckpt)
+    for batch in _batches(images, args.tile):
+        files = compress(model, [images[i] for i in batch], steps=args.steps, seed=args.seed, tile=args.tile)
+        for i, data in zip(batch, files):
+            write_atomic(outputs[i], data)
+            h, w = images[i].shape[1:]
+            print(f"{args.images[i]} -> {outputs[i]}: {len(data)} bytes, {8 * len(data) / (h * w):.3f} bpp")
+
+
+def _batches(images: list, tile: int) -> list[list[int]]:
+    """Indices of images grouped so that each group has at most BATCH_TILES_PER_CALL tiles (or one image)."""
+    batches, current, tiles = [], [], 0
+    for i, image in enumerate(images):
+        n = -(-image.shape[1] // tile) * -(-image.shape[2] // tile)
+        if current and tiles + n > BATCH_TILES_PER_CALL:
+            batches.append(current)
+            current, tiles = [], 0
+        current.append(i)
+        tiles += n
+    return batches + [current]
+
+
+def run_decompress(args) -> None:
+    outputs = _destinations(args.files, args, ".png")
+    model = load_module(args.ckpt)
+    for path, output in zip(args.files, outputs):
+        data = _read(path)
+        with _warnings_to_stderr():
+            decoded = decompress(model, data, steps=args.steps, method=args.method,
+                                 all_points=args.all_steps is not None)
+        save_png(decoded.image, output)
+        if args.all_steps is not None:
+            for p, picture in enumerate(decoded.points):
+                save_png(picture, args.all_steps / f"{Path(path).stem}_{p}.png")
+
+
+def run_truncate(args) -> None:
+    with _warnings_to_stderr():
+        prefix = truncate(_read(args.file), args.steps)
+    write_atomic(args.output, prefix)
+
+
+def run_info(args) -> None:
+    data = _read(args.file)
+    with _warnings_to_stderr():
+        container = parse(data)
+        chunks = [{"step": i + 1, "bytes": len(c)} for i, c in enumerate(container.chunks)]
+        if args.ckpt is not None:
+            for chunk, bits in zip(chunks, chunk_ideal_bits(load_module(args.ckpt), data)):
+                chunk["ideal_bits"] = bits
+    print(json.dumps({"header": container.header.as_dict(), "bytes": len(data), "chunks": chunks}, indent=2))

@@ -1,0 +1,120 @@
+"""`uqdm evaluate`: argument parsing, input checks and progress bars; the work is in `pipeline`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from uqdm.checkpoints import load_module
+from uqdm.diffusion import RECONSTRUCTIONS
+from uqdm.errors import UQDMError
+from uqdm.images import box_resize_center_crop, load_images, write_atomic
+
+from .classical import CODECS
+from .fid import FIDUnavailable, load_inception
+from .pipeline import evaluate
+from .report import results_table, write_outputs
+
+
+def _names(allowed: tuple[str, ...], empty: str | None = None):
+    """An argparse type: a comma-separated subset of `allowed` (`empty` alone means none)."""
+
+    def parse(text: str) -> list[str]:
+        if empty is not None and text == empty:
+            return []
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}, comma-separated; got {text!r}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def register(subparsers) -> None:
+    """Add the `evaluate` subcommand."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="progressive rate-distortion of a checkpoint next to classical codecs",
+        description="PSNR (and optionally FID) at every truncation point of UQDM, ideal and real-file "
+        "bits per pixel, the classical codecs on the same images, and BD-rates. Writes DIR/results.json, "
+        "DIR/rd.png, DIR/compressai/*.json and the .uqdm files in DIR/files/, and prints a table.",
+    )
+    p.add_argument("--ckpt", required=True, metavar="C",
+                   help="uqdm checkpoint (training's, or from `uqdm import-official`)")
+    p.add_argument("--images", required=True, metavar="PATH",
+                   help="folder of images, an image, or a .npy of uint8 N×3×H×W / N×H×W×3")
+    p.add_argument("--size", type=int, metavar="S",
+                   help="box-downsample the short side to S and centre-crop S×S (default: full size, tiled)")
+    p.add_argument("--methods", type=_names(RECONSTRUCTIONS), metavar="M[,M...]", default=list(RECONSTRUCTIONS),
+                   help=f"reconstructions, comma-separated (default: {','.join(RECONSTRUCTIONS)})")
+    p.add_argument("--codecs", type=_names(tuple(CODECS), empty="none"), metavar="C[,C...]", default=list(CODECS),
+                   help=f"classical codecs, comma-separated, or none (default: {','.join(CODECS)})")
+    p.add_argument("--fid", action="store_true", help="also FID at every lossy point (needs the Inception weights)")
+    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file; downloaded there on first use "
+                   "(default: the torch.hub cache)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the shared draws: image n is coded with seed N + n (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="tiles per network call (default 32)")
+    p.add_argument("--tile", type=int, default=64, metavar="T", help="tile size of the codec (default 64)")
+    p.add_argument("--device", default="cpu", metavar="D", help="torch device of the network (default cpu)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(run=run)
+
+
+def _check(args) -> None:
+    for name in ("size", "batch_size", "tile"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UQDMError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.seed < 0:
+        raise UQDMError(f"--seed must be non-negative, got {args.seed}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as e:
+        raise UQDMError(f"--device {args.device} is not usable here: {str(e).splitlines()[0]}") from None
+
+
+def run(args) -> None:
+    """The handler of `uqdm evaluate`."""
+    _check(args)
+    module = load_module(args.ckpt, map_location=args.device)
+    if module.rate_is_theoretical:
+        raise UQDMError(f"{args.ckpt} is a Gaussian diffusion: it has no real code to evaluate")
+    named = load_images(args.images)
+    images = [box_resize_center_crop(im, args.size) if args.size else im for _, im in named]
+    warnings = []
+    inception = None
+    if args.fid:
+        try:
+            inception = load_inception(args.fid_weights)
+        except FIDUnavailable as e:
+            warnings.append(str(e))
+            print(f"uqdm: warning: {e}", file=sys.stderr)
+    bars = []
+
+    def progress(description: str, total: int, unit: str):
+        if bars:
+            bars[-1].close()
+        bars.append(tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True))
+        return bars[-1].update
+
+    try:
+        results, files = evaluate(module, images, methods=args.methods, codecs=args.codecs, inception=inception,
+                                  seed=args.seed, tile=args.tile, batch_size=args.batch_size, size=args.size,
+                                  progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    results["warnings"] = warnings + results["warnings"]
+    out = Path(args.out)
+    for (name, _), data in zip(named, files):
+        write_atomic(out / "files" / Path(name).with_suffix(".uqdm"), data)
+    write_outputs(out, results)
+    print(results_table(results))
+    for warning in results["warnings"]:
+        print(f"warning: {warning}")
+    print(f"wrote {out / 'results.json'}, {out / 'rd.png'}, {out / 'compressai'}/ "
+          f"and {len(files)} files in {out / 'files'}/")
