@@ -12,11 +12,14 @@ install: $(STAMP)
 
 # torch and torchvision are pinned as a pair (torchvision needs its own torch release); pip takes
 # them from the local wheel cache where one exists.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# W&B's sweep-config schema (its `sweeps` package pins numpy<2 but works with numpy 2)
+	$(BIN)/python -m pip install -q jsonschema jsonref
+	$(BIN)/python -m pip install -q --no-deps sweeps==0.3.0
 	touch $(STAMP)
 
 train: install
