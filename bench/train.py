@@ -34,7 +34,7 @@ class StepTimer(L.Callback):
 def lightning_images_per_second(steps: int, skip: int, workdir: Path) -> tuple[float, UQDMModule, L.LightningDataModule]:
     cli = LightningCLI(
         UQDMModule, L.LightningDataModule, subclass_mode_data=True, run=False,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
         args=["--config", str(CONFIG), "--trainer.enable_progress_bar=false", f"--trainer.max_steps={steps + skip}", f"--trainer.val_check_interval={steps + skip}",
               f"--trainer.default_root_dir={workdir}", "--trainer.logger.init_args.save_dir=" + str(workdir)],
     )

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import constriction
@@ -167,15 +168,22 @@ def test_another_model_is_refused(files):
         decompress(tiny_module(seed=1), files[0])
 
 
+def _with_crc(head: bytes) -> bytes:
+    return head + zlib.crc32(head).to_bytes(4, "little")
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
         (b"", "bad magic"),
         (b"PNG\x89 not a uqdm file", "bad magic"),
         (b"UQDM\x07" + bytes(20), "version 7"),
-        (b"UQDM\x01" + bytes(8) + b"\x40\x40", "ends inside the header"),
-        (b"UQDM\x01" + bytes(8) + b"\x00\x40\x40\x04\x00", "height = 0"),
-        (b"UQDM\x01" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
+        (b"UQDM\x01" + bytes(20), "version 1"),
+        (b"UQDM\x02" + bytes(8) + b"\x40\x40", "ends inside the header"),
+        (b"UQDM\x02" + bytes(8) + b"\x40\x40\x04\x02\x00", "ends inside the header"),  # no CRC32
+        (b"UQDM\x02" + bytes(8) + b"\x40\x40\x04\x02\x00" + bytes(4), "header fails its CRC32"),
+        (_with_crc(b"UQDM\x02" + bytes(8) + b"\x00\x40\x40\x04\x00"), "height = 0"),
+        (b"UQDM\x02" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
     ],
 )
 def test_malformed_files(data, message):

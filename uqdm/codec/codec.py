@@ -219,6 +219,9 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
     net = codec_model(model, batch_tiles)
     T = net.n_timesteps
+    if header.n_timesteps != T:
+        raise UQDMError(f"the file's header names T = {header.n_timesteps} steps but the model has {T}; "
+                        "is the file corrupt?")
     n_chunks = len(container.chunks) if steps is None else _n_chunks(steps, T)
     if n_chunks > len(container.chunks):
         raise UQDMError(f"the file holds {len(container.chunks)} complete chunks; cannot decode {n_chunks}")
@@ -228,7 +231,7 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
 
     def code(i: int, z: Tensor, prior: Prior, st: Step, u: Tensor) -> Tensor:
         span = slice(0, len(z))
-        k = entropy.decode(_step_model(net, prior, st, u, span), container.chunks[i]).view(z.shape)
+        k = entropy.decode(_step_model(net, prior, st, u, span), container.chunks[i], i + 1).view(z.shape)
         ideal.append(entropy.ideal_step_bits(prior.std.cpu(), st.delta.cpu(), u.cpu(), k.double(), net.prior_type))
         return k.to(z.device, torch.float64)
 
@@ -241,7 +244,7 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
         picture(min(n_chunks, T), z)
     if n_chunks > T:
         model_0 = _lossless_model(net, z)
-        x_raw = entropy.decode(model_0, container.chunks[T]).view(z.shape)
+        x_raw = entropy.decode(model_0, container.chunks[T], T + 1).view(z.shape)
         ideal.append(_lossless_ideal_bits(net, x_raw, z))
         pictures.append(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
     return Decoded(header, pictures[-1], pictures if all_points else None, ideal)

@@ -1,7 +1,9 @@
-"""The `.uqdm` byte format: a header, then one chunk per coded step (see docs/format.md).
+"""The `.uqdm` byte format: a header and its CRC32, then one chunk per coded step (see docs/format.md).
 
-Parsing checks every size field against the bytes actually present before using it. A file cut
-inside a chunk yields its complete chunks and a warning; anything else malformed is a `UQDMError`.
+Parsing checks the header's CRC32 before trusting any of its fields, and every size field against
+the bytes actually present before using it. Each chunk's CRC32 binds it to the header and to its
+position. A file cut inside a chunk yields its complete chunks and a warning; anything else
+malformed is a `UQDMError`.
 """
 
 import warnings
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from uqdm.errors import UQDMError
 
 MAGIC = b"UQDM"
-VERSION = 1
+VERSION = 2  # 2: a CRC32 after the header; chunk CRCs cover the chunk index
 FINGERPRINT_BYTES = 8
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 10
@@ -19,11 +21,11 @@ MAX_VARINT_BYTES = 10
 LIMITS = {
     "height": (1, 1 << 20),
     "width": (1, 1 << 20),
-    "tile": (1, 1 << 12),
+    "tile": (1, 1 << 10),
     "n_timesteps": (1, 1 << 12),
     "seed": (0, (1 << 64) - 1),
 }
-MAX_PIXELS = 1 << 28  # height·width
+MAX_PIXELS = 1 << 28  # height·width, and the padded tiles ⌈H/tile⌉·⌈W/tile⌉·tile²
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,16 @@ class Header:
                 raise ValueError(f"{name} = {getattr(self, name)} is out of range [{low}, {high}]")
         if self.height * self.width > MAX_PIXELS:
             raise ValueError(f"a {self.width}×{self.height} image has more than {MAX_PIXELS} pixels")
+        padded = -(-self.height // self.tile) * -(-self.width // self.tile) * self.tile**2
+        if padded > MAX_PIXELS:
+            raise ValueError(f"a {self.width}×{self.height} image in {self.tile}-pixel tiles pads to "
+                             f"{padded} pixels (more than {MAX_PIXELS})")
 
     def to_bytes(self) -> bytes:
+        """magic ‖ version ‖ fingerprint ‖ varint fields ‖ CRC32 of all of these."""
         fields = (self.height, self.width, self.tile, self.n_timesteps, self.seed)
-        return MAGIC + bytes([VERSION]) + self.fingerprint + b"".join(map(varint, fields))
+        head = MAGIC + bytes([VERSION]) + self.fingerprint + b"".join(map(varint, fields))
+        return head + _crc(head)
 
     def as_dict(self) -> dict:
         return {
@@ -95,9 +103,14 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
     raise UQDMError("corrupt .uqdm file: a length field is longer than 10 bytes")
 
 
-def chunk_crc(header: bytes, length: bytes, payload: bytes) -> bytes:
-    """CRC32 of header ‖ length ‖ payload, little-endian (a damaged header fails every chunk)."""
-    return zlib.crc32(length + payload, zlib.crc32(header)).to_bytes(CRC_BYTES, "little")
+def _crc(data: bytes, start: int = 0) -> bytes:
+    return zlib.crc32(data, start).to_bytes(CRC_BYTES, "little")
+
+
+def chunk_crc(header: bytes, index: int, length: bytes, payload: bytes) -> bytes:
+    """CRC32 of header (with its CRC) ‖ index (u32 LE, from 1) ‖ length ‖ payload, little-endian:
+    a chunk moved, repeated or following a dropped one fails its check."""
+    return _crc(index.to_bytes(4, "little") + length + payload, zlib.crc32(header))
 
 
 def pack(header: Header, chunks: list[bytes]) -> bytes:
@@ -106,14 +119,14 @@ def pack(header: Header, chunks: list[bytes]) -> bytes:
     if len(chunks) > header.n_timesteps + 1:
         raise ValueError(f"{len(chunks)} chunks for T = {header.n_timesteps} (at most T + 1)")
     parts = [head]
-    for payload in chunks:
+    for index, payload in enumerate(chunks, start=1):
         length = varint(len(payload))
-        parts += [length, payload, chunk_crc(head, length, payload)]
+        parts += [length, payload, chunk_crc(head, index, length, payload)]
     return b"".join(parts)
 
 
 def parse_header(data: bytes) -> tuple[Header, int]:
-    """The header and the offset just past it."""
+    """The header and the offset just past it (and its CRC32), checked before any field is used."""
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise UQDMError("not a .uqdm file (bad magic bytes)")
     pos = len(MAGIC)
@@ -129,6 +142,11 @@ def parse_header(data: bytes) -> tuple[Header, int]:
         if read is None:
             raise UQDMError("truncated .uqdm file: it ends inside the header")
         values[name], pos = read
+    if len(data) < pos + CRC_BYTES:
+        raise UQDMError("truncated .uqdm file: it ends inside the header")
+    if data[pos : pos + CRC_BYTES] != _crc(data[:pos]):
+        raise UQDMError("corrupt .uqdm file: the header fails its CRC32 check")
+    pos += CRC_BYTES
     try:
         return Header(fingerprint, **values), pos
     except ValueError as e:
@@ -139,7 +157,8 @@ def parse(data: bytes) -> Container:
     """Split a file (or a prefix of one) into header and verified chunks.
 
     Raises:
-        UQDMError: bad magic or version, a header out of range, a CRC mismatch, or bytes after
+        UQDMError: bad magic or version, a header CRC mismatch or field out of range, a chunk CRC
+            mismatch (also a chunk out of place), or bytes after
             the T + 1 chunks a file can hold. A file ending inside a chunk only warns.
     """
     header, pos = parse_header(data)
@@ -158,7 +177,7 @@ def parse(data: bytes) -> Container:
             return Container(header, chunks, ends, truncated=True)
         length, start = read
         payload, crc = data[start : start + length], data[start + length : start + length + CRC_BYTES]
-        if crc != chunk_crc(head, data[pos:start], payload):
+        if crc != chunk_crc(head, index, data[pos:start], payload):
             raise UQDMError(f"corrupt .uqdm file: chunk {index} fails its CRC32 check")
         chunks.append(payload)
         pos = start + length + CRC_BYTES

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from uqdm.distributions import base_distribution, log_interval_mass
+from uqdm.errors import UQDMError
 
 SCALE_STEPS = 16  # scale table entries per octave: a_j = 2^(j/16)
 SCALE_INDEX_LIMIT = 20 * SCALE_STEPS  # a_j ∈ [2^-20, 2^20]
@@ -279,8 +280,21 @@ def _sealed(encoder) -> bytes:
     return np.array(words, dtype=">u4").tobytes().rstrip(b"\0")
 
 
-def decode(model: StepModel | LosslessModel, payload: bytes) -> Tensor:
-    """The `len(model)` values (int64) that `encode` coded into `payload`."""
+def decode(model: StepModel | LosslessModel, payload: bytes, chunk: int = 0) -> Tensor:
+    """The `len(model)` values (int64) that `encode` coded into `payload` (chunk number `chunk`).
+
+    Raises:
+        UQDMError: the range decoder refuses the payload (not the output of `encode` for this model).
+    """
+    try:
+        return _decode(model, payload)
+    except Exception as e:  # constriction's AssertionError/ValueError on a payload it cannot decode
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UQDMError(f"chunk {chunk} of the .uqdm file cannot be decoded ({detail}); "
+                        "is the file corrupt or from another encoder?") from None
+
+
+def _decode(model: StepModel | LosslessModel, payload: bytes) -> Tensor:
     padded = payload + b"\0" * (-len(payload) % 4)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, dtype=">u4").astype(np.uint32))
     values = torch.empty(len(model), dtype=torch.int64)
