@@ -253,7 +253,8 @@ def test_agents_create_the_sweep_and_start_pinned_agents(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_sweep_runs_the_agent_script():
-    result = subprocess.run(["make", "-n", "sweep", "SWEEP=sweeps/schedule.yaml", "GPUS_PER_RUN=2"],
+    result = subprocess.run(["make", "-n", "--no-print-directory", "sweep", "SWEEP=sweeps/schedule.yaml", "GPUS_PER_RUN=2"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "GPUS_PER_RUN=2 bash scripts/sweep_agents.sh sweeps/schedule.yaml" in result.stdout.splitlines()[-1]
+    commands = [line for line in result.stdout.splitlines() if "sweep_agents.sh" in line]
+    assert len(commands) == 1 and "GPUS_PER_RUN=2 bash scripts/sweep_agents.sh sweeps/schedule.yaml" in commands[0]
