@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -500,3 +501,17 @@ def classify_cli_tools(data: bytes, workdir: Path, time_limit: float = TIME_LIMI
 def workdir():
     with tempfile.TemporaryDirectory(prefix="uqdm-fuzz-") as d:
         yield Path(d)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decode on one thread: many small tensor operations run faster without a second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def module():
+    return tiny_module()

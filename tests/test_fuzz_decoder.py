@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import fuzzing
+from fuzzing import module, one_thread  # noqa: F401  (shared fixtures)
 from fuzzing import MUTATIONS, NO_PICTURE_ORACLE, OK, classify, classify_cli, classify_cli_tools, mutate
 from uqdm.codec import decompress
 from uqdm.codec.container import MAGIC, VERSION, Header, pack, varint
@@ -26,19 +27,6 @@ TIME_LIMIT = 3.0  # a decode of the sample file takes ~40 ms; anything near this
 # hypothesis examples per strategy: the whole file stays well under a minute on two busy cores
 EXAMPLES = {"zero_length": 1, "header_only": 1, "boundary_prefix": 8, "other_version": 8}
 DEFAULT_EXAMPLES = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def module():
-    return fuzzing.tiny_module()
 
 
 @pytest.fixture(scope="module")

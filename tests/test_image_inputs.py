@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import fuzzing
+from fuzzing import module, one_thread  # noqa: F401  (shared fixtures)
 from fuzzing import run_cli, one_line_error
 from uqdm.codec import compress, decompress
 from uqdm.errors import UQDMError
@@ -28,19 +29,6 @@ from uqdm.images import load_image
 
 TILE = 4
 H, W = 5, 6  # two rows and two columns of 4-pixel tiles, the last ones padded
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def module():
-    return fuzzing.tiny_module()
 
 
 @pytest.fixture(scope="module")

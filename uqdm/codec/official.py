@@ -11,30 +11,16 @@ import io
 import lightning
 import torch
 
-from uqdm.checkpoints import load_official
+from uqdm.checkpoints import OFFICIAL_NETWORK_KEYS, load_official
 from uqdm.errors import UQDMError
 from uqdm.images import write_atomic
 from uqdm.module import UQDMModule
 
 WEIGHTS = ("ema", "raw")
-# released config["model"] key -> UQDMModule argument
+# released config["model"] key -> UQDMModule argument: the network's keys plus the diffusion's
 MODEL_KEYS = {
-    "n_timesteps": "n_timesteps",
-    "prior_type": "prior_type",
-    "learned_prior_scale": "learned_prior_scale",
-    "base_prior_scale": "base_prior_scale",
-    "noise_schedule": "noise_schedule",
-    "fix_gamma_max": "fix_gamma_max",
-    "gamma_min": "gamma_min",
-    "gamma_max": "gamma_max",
-    "embedding_dim": "embedding_dim",
-    "n_blocks": "n_blocks",
-    "norm_groups": "norm_groups",
-    "attention_everywhere": "attention_everywhere",
-    "n_attention_heads": "n_attention_heads",
-    "use_fourier_features": "use_fourier_features",
-    "dropout_prob": "dropout",
-    "n_channels": "n_channels",
+    **OFFICIAL_NETWORK_KEYS,
+    **{key: key for key in ("n_timesteps", "prior_type", "base_prior_scale", "noise_schedule", "fix_gamma_max")},
 }
 OPTIM_KEYS = ("lr", "beta1", "eps", "weight_decay", "warmup")  # released config["optim"], same names
 
