@@ -10,9 +10,9 @@
 How the time is split. The codec is not changed: while timing, the benchmark replaces the
 functions the codec reaches through module or class attributes with wall-clock wrappers that keep
 *exclusive* time (a wrapped call inside another counts only for the inner label):
-  tables     = entropy.step_model, entropy.lossless_model, StepModel.table, LosslessModel.table
-  coder      = entropy.encode, entropy.decode (constriction calls, symbol shuffling), minus tables
-  ideal_bits = entropy.ideal_step_bits, codec._lossless_ideal_bits (the decoder's rate report)
+  tables     = tables.step_model, tables.lossless_model, StepModel.table, LosslessModel.table
+  coder      = coder.encode, coder.decode (constriction calls, symbol shuffling), minus tables
+  ideal_bits = tables.ideal_step_bits, codec._lossless_ideal_bits (the decoder's rate report)
   network    = codec.SubBatched.forward (every float64 network call)
   other      = the rest (latent arithmetic, shared draws, fingerprint, model copy, packing)
 `coding_share` = (tables + coder) / codec wall time.
@@ -65,7 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timing import median_seconds
 from uqdm.checkpoints import load_module
 from uqdm.codec import codec as codec_impl
-from uqdm.codec import entropy, import_official, parse, save_checkpoint
+from uqdm.codec import coder, import_official, parse, save_checkpoint, tables
 from uqdm.images import box_resize, box_resize_center_crop, load_image
 from uqdm.module import UQDMModule
 from uqdm.network import Attention
@@ -123,13 +123,13 @@ class Timers:
 
 
 PATCHES = (
-    (entropy, "encode", "coder"),
-    (entropy, "decode", "coder"),
-    (entropy, "step_model", "tables"),
-    (entropy, "lossless_model", "tables"),
-    (entropy.StepModel, "table", "tables"),
-    (entropy.LosslessModel, "table", "tables"),
-    (entropy, "ideal_step_bits", "ideal_bits"),
+    (coder, "encode", "coder"),
+    (coder, "decode", "coder"),
+    (tables, "step_model", "tables"),
+    (tables, "lossless_model", "tables"),
+    (tables.StepModel, "table", "tables"),
+    (tables.LosslessModel, "table", "tables"),
+    (tables, "ideal_step_bits", "ideal_bits"),
     (codec_impl, "_lossless_ideal_bits", "ideal_bits"),
     (codec_impl.SubBatched, "forward", "network"),
 )

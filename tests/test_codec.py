@@ -27,7 +27,7 @@ from uqdm.codec import (
     save_checkpoint,
     truncate,
 )
-from uqdm.codec import entropy, randomness
+from uqdm.codec import coder, exact, randomness, tables
 from uqdm.codec.container import pack, varint
 from uqdm.codec.tiling import from_tiles, to_tiles
 from uqdm.errors import UQDMError
@@ -229,13 +229,13 @@ def test_tables_do_not_depend_on_layout_threads_or_last_bits():
     delta = torch.tensor(0.7, dtype=torch.float64)
     noisy = std * (1 + 1e-13 * torch.randn(n, generator=g, dtype=torch.float64))
     for prior_type in ("logistic", "normal"):
-        ref = _with_threads(2, lambda: _tables(entropy.step_model(std, delta, u, prior_type)))
-        other = _with_threads(1, lambda: _tables(entropy.step_model(noisy, delta, u, prior_type)))
+        ref = _with_threads(2, lambda: _tables(tables.step_model(std, delta, u, prior_type)))
+        other = _with_threads(1, lambda: _tables(tables.step_model(noisy, delta, u, prior_type)))
         assert len(ref) == len(other)
         for (i1, l1, t1), (i2, l2, t2) in zip(ref, other):
             assert torch.equal(i1, i2) and l1 == l2 and (t1 == t2).all()
         # one row at a time (the scalar code paths) gives the same rows
-        model = entropy.step_model(std, delta, u, prior_type)
+        model = tables.step_model(std, delta, u, prior_type)
         index, low, table = ref[-1]
         for row in (0, len(index) // 2, len(index) - 1):
             single = model.table(index[row : row + 1], -low)
@@ -244,12 +244,12 @@ def test_tables_do_not_depend_on_layout_threads_or_last_bits():
 
 def test_deterministic_exp_and_cdfs_are_accurate():
     x = torch.linspace(-700, 700, 200_001, dtype=torch.float64)
-    assert ((entropy.det_exp(x) - torch.exp(x)) / torch.exp(x)).abs().max() < 1e-14
+    assert ((exact.det_exp(x) - torch.exp(x)) / torch.exp(x)).abs().max() < 1e-14
     y = torch.linspace(-10, 10, 20_001, dtype=torch.float64)
-    assert (entropy.det_cdf("logistic", y) - torch.sigmoid(y)).abs().max() < 1e-15
-    assert (entropy.det_cdf("normal", y) - torch.special.ndtr(y)).abs().max() < 2e-7
+    assert (exact.det_cdf("logistic", y) - torch.sigmoid(y)).abs().max() < 1e-15
+    assert (exact.det_cdf("normal", y) - torch.special.ndtr(y)).abs().max() < 2e-7
     j = torch.arange(-320, 321)
-    assert ((entropy.scale_value(j) / 2.0 ** (j.double() / 16)) - 1).abs().max() < 1e-15
+    assert ((tables.scale_value(j) / 2.0 ** (j.double() / 16)) - 1).abs().max() < 1e-15
 
 
 def test_escapes_code_any_index():
@@ -259,14 +259,14 @@ def test_escapes_code_any_index():
     std = torch.full((n,), 0.3, dtype=torch.float64)
     k = torch.randint(-2, 3, (n,), generator=g)
     k[:6] = torch.tensor([40, -40, 2**40, -(2**40) - 3, 2**61, 2])
-    model = entropy.step_model(std, torch.tensor(1.0, dtype=torch.float64), u, "logistic")
-    assert torch.equal(entropy.decode(model, entropy.encode(model, k)), k)
+    model = tables.step_model(std, torch.tensor(1.0, dtype=torch.float64), u, "logistic")
+    assert torch.equal(coder.decode(model, coder.encode(model, k)), k)
 
 
 def test_the_short_termination_decodes():
     """Streams ended by `_sealed` (including carries) decode, a few bits above the ideal length."""
     rng = torch.Generator().manual_seed(4)
-    family = entropy.CATEGORICAL
+    family = coder.CATEGORICAL
     excess = []
     for _ in range(400):
         n = int(torch.randint(1, 40, (), generator=rng))
@@ -275,7 +275,7 @@ def test_the_short_termination_decodes():
         symbols = torch.multinomial(probs, 1, generator=rng).squeeze(1).to(torch.int32).numpy()
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(symbols, family, probs.numpy())
-        data = entropy._sealed(encoder)
+        data = coder._sealed(encoder)
         words = np.frombuffer(data + b"\0" * (-len(data) % 4), dtype=">u4").astype(np.uint32)
         decoded = constriction.stream.queue.RangeDecoder(words).decode(family, probs.numpy())
         assert (decoded == symbols).all()
@@ -287,7 +287,7 @@ def test_lossless_tables_match_the_model():
     """The quantised lossless table is within rounding of softmax(−½·e^−γ₀·(y − v_k)²)."""
     y = torch.linspace(-1.05, 1.05, 1001, dtype=torch.float64)
     gamma_0 = -11.97
-    model = entropy.lossless_model(y, torch.tensor(1.0), torch.tensor(gamma_0))
+    model = tables.lossless_model(y, torch.tensor(1.0), torch.tensor(gamma_0))
     table = torch.cat([torch.from_numpy(s.table) for s in model.segments()])
     table = table / table.sum(1, keepdim=True)
     v = (torch.arange(256, dtype=torch.float64) + 0.5) / 128 - 1

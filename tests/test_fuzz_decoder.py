@@ -203,7 +203,7 @@ def test_a_damaged_header_without_a_complete_chunk_is_not_trusted(module, sample
 
 
 def test_a_payload_the_range_decoder_refuses_is_an_error_not_a_traceback(module, sample):
-    """BUG (entropy.py `decode`): constriction raises AssertionError ('Tried to decode from
+    """BUG (coder.py `decode`): constriction raises AssertionError ('Tried to decode from
     compressed data that is invalid for the employed entropy model') on some payloads; with a valid
     CRC (a crafted file, or an encoder of another version) it escapes as a traceback instead of a
     UQDMError."""

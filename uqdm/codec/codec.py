@@ -5,7 +5,7 @@ each step together; step `i` needs the prior p(z_s | z_t) at the current latents
 `u`, and then either the encoder's `k = round((μ_q − μ_p)/Δ + u)` or the decoder's decoded `k`;
 both sides continue from `z_s = μ_p + (k − u)·Δ`. The network runs in float64 in sub-batches of
 `batch_tiles` tiles; last-bit differences between sub-batch sizes never reach the tables (see
-`entropy`).
+`tables`).
 """
 
 import copy
@@ -22,7 +22,7 @@ from uqdm.diffusion import RECONSTRUCTIONS, UQDM, GaussianDiffusion, Prior, Step
 from uqdm.errors import UQDMError
 from uqdm.schedules import alpha_sigma
 
-from . import entropy, randomness
+from . import coder, randomness, tables
 from .container import FINGERPRINT_BYTES, Header, pack, parse
 from .tiling import from_tiles, grid, to_tiles
 
@@ -132,14 +132,14 @@ def _descend(net: UQDM, headers: list[Header], channels: int, n_steps: int, code
     return z
 
 
-def _step_model(net: UQDM, prior: Prior, st: Step, u: Tensor, span: slice) -> entropy.StepModel:
-    return entropy.step_model(prior.std[span].cpu(), st.delta.cpu(), u[span].cpu(), net.prior_type)
+def _step_model(net: UQDM, prior: Prior, st: Step, u: Tensor, span: slice) -> tables.StepModel:
+    return tables.step_model(prior.std[span].cpu(), st.delta.cpu(), u[span].cpu(), net.prior_type)
 
 
-def _lossless_model(net: UQDM, z_0: Tensor) -> entropy.LosslessModel:
+def _lossless_model(net: UQDM, z_0: Tensor) -> tables.LosslessModel:
     gamma_0 = net.gamma_at(0.0)
     alpha_0, _ = alpha_sigma(gamma_0)
-    return entropy.lossless_model(z_0.cpu(), alpha_0.cpu(), gamma_0.cpu())
+    return tables.lossless_model(z_0.cpu(), alpha_0.cpu(), gamma_0.cpu())
 
 
 def _check_images(images: list[Tensor], channels: int) -> int:
@@ -187,13 +187,13 @@ def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, s
         k, _ = universal_quantize(net.posterior_mean(x, z, st), prior.mean, st.delta, u)
         k_cpu = k.to("cpu", torch.int64)
         for n, span in enumerate(spans):
-            chunks[n].append(entropy.encode(_step_model(net, prior, st, u, span), k_cpu[span].flatten()))
+            chunks[n].append(coder.encode(_step_model(net, prior, st, u, span), k_cpu[span].flatten()))
         return k
 
     z = _descend(net, headers, channels, min(n_chunks, net.n_timesteps), code)
     if n_chunks > net.n_timesteps:
         for n, span in enumerate(spans):
-            chunks[n].append(entropy.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
+            chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
     return [pack(h, c) for h, c in zip(headers, chunks)]
 
 
@@ -231,8 +231,8 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
 
     def code(i: int, z: Tensor, prior: Prior, st: Step, u: Tensor) -> Tensor:
         span = slice(0, len(z))
-        k = entropy.decode(_step_model(net, prior, st, u, span), container.chunks[i], i + 1).view(z.shape)
-        ideal.append(entropy.ideal_step_bits(prior.std.cpu(), st.delta.cpu(), u.cpu(), k.double(), net.prior_type))
+        k = coder.decode(_step_model(net, prior, st, u, span), container.chunks[i], i + 1).view(z.shape)
+        ideal.append(tables.ideal_step_bits(prior.std.cpu(), st.delta.cpu(), u.cpu(), k.double(), net.prior_type))
         return k.to(z.device, torch.float64)
 
     def picture(i: int, z: Tensor, prior: Prior | None = None) -> None:
@@ -244,7 +244,7 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
         picture(min(n_chunks, T), z)
     if n_chunks > T:
         model_0 = _lossless_model(net, z)
-        x_raw = entropy.decode(model_0, container.chunks[T], T + 1).view(z.shape)
+        x_raw = coder.decode(model_0, container.chunks[T], T + 1).view(z.shape)
         ideal.append(_lossless_ideal_bits(net, x_raw, z))
         pictures.append(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
     return Decoded(header, pictures[-1], pictures if all_points else None, ideal)
