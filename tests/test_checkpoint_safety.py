@@ -12,7 +12,8 @@ import torch
 
 import uqdm
 import uqdm.checkpoint_io as checkpoint_io
-from uqdm.checkpoint_io import AtomicCheckpointIO, atomic_write, find_last_checkpoint
+from uqdm.atomic import atomic_write
+from uqdm.checkpoint_io import AtomicCheckpointIO, find_last_checkpoint
 from uqdm.cli import main
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule

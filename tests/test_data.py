@@ -14,7 +14,8 @@ from PIL import Image, ImageFile, ImageOps
 import uqdm.data
 from uqdm.data import CIFAR10, SAMPLE_TRAIN_PHOTOS, SAMPLE_VAL_PHOTOS, ImageFolder, ImageNet64, SampleImages
 from uqdm.errors import UQDMError
-from uqdm.images import box_resize_center_crop, load_image, load_images, save_png, write_atomic
+from uqdm.atomic import write_atomic
+from uqdm.images import box_resize_center_crop, load_image, load_images, save_png
 
 RNG = np.random.default_rng(0)
 

@@ -4,15 +4,12 @@
 target folder and renames it into place, so a crash never leaves a half-written file under the
 final name, and it reads every checkpoint weights-only. `ResumeState` (a callback, added by the
 ``uqdm`` command) stores what Lightning's own checkpoint lacks for a resumed run to continue the
-interrupted one exactly: the global random generators and the logger's run id. `atomic_write`
-is the underlying helper, for any file.
+interrupted one exactly: the global random generators and the logger's run id.
 """
 
 import os
 import pickle
 import random
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,55 +21,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from .atomic import atomic_write
 from .checkpoints import safe_load
 from .errors import UQDMError
-
-
-@contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open a temporary file next to `path` for writing; on success it is flushed to disk and renamed
-    to `path` (replacing any previous file in one step); on any error it is deleted and `path` is
-    left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden name that no glob for the real files (``*.ckpt``, ``last*``, ``*.png``) matches.
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> the mode open() would have given
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_local(path) -> bool:

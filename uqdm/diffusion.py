@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import base_distribution, log_prob_uniform_convolved
+from .options import RECONSTRUCTIONS
 from .schedules import NoiseSchedule, alpha_sigma
 
 VOCAB_SIZE = 256
-RECONSTRUCTIONS = ("denoise", "ancestral", "flow_based")
 DIFFUSIONS = ("uniform", "gaussian")
 
 

@@ -3,10 +3,8 @@
 Images are ``uint8`` tensors of shape 3×H×W (RGB) throughout.
 """
 
-import contextlib
 import io
 import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from uqdm.atomic import write_atomic
 from uqdm.errors import UQDMError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -96,29 +95,8 @@ def _check_image(image: torch.Tensor) -> None:
         raise ValueError(f"expected a uint8 3×H×W image tensor, got {image.dtype} {tuple(image.shape)}")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    Parent folders are created; readers never see a partly written file. OS errors raise UQDMError.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UQDMError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # left over only if something failed
-
-
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """Save a uint8 3×H×W tensor as a PNG file, atomically (see :func:`write_atomic`)."""
+    """Save a uint8 3×H×W tensor as a PNG file, atomically (see :func:`uqdm.atomic.atomic_write`)."""
     buffer = io.BytesIO()
     _to_pil(image).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())

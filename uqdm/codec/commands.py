@@ -1,7 +1,9 @@
 """The codec's subcommands: import-official, compress, decompress, truncate, info.
 
 Argument parsing and file handling only; `uqdm.cli` turns a `UQDMError` into one line on stderr
-and exit code 2.
+and exit code 2. Each command imports what it needs when it runs: `truncate` and `info` (without
+`--ckpt`) read the container format with the standard library alone, `compress` and `decompress`
+import torch but not Lightning.
 """
 
 import argparse
@@ -11,14 +13,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from uqdm.checkpoints import load_module
-from uqdm.diffusion import RECONSTRUCTIONS
+from uqdm.atomic import write_atomic
 from uqdm.errors import UQDMError
-from uqdm.images import load_image, save_png, write_atomic
+from uqdm.options import RECONSTRUCTIONS, RELEASED_WEIGHTS
 
-from .codec import chunk_ideal_bits, compress, decompress
 from .container import parse, truncate
-from .official import WEIGHTS, import_official, save_checkpoint
 
 BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach this many tiles
 
@@ -28,7 +27,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("import-official", help="turn a released model folder into a uqdm checkpoint")
     p.add_argument("directory", help="folder with config.json and checkpoint.pt")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write")
-    p.add_argument("--weights", choices=WEIGHTS, default="ema",
+    p.add_argument("--weights", choices=RELEASED_WEIGHTS, default="ema",
                    help="ema: averaged network and schedule (default); raw: raw network, initial schedule")
     p.set_defaults(run=run_import_official)
 
@@ -102,6 +101,8 @@ def _warnings_to_stderr():
 
 
 def run_import_official(args) -> None:
+    from .official import import_official, save_checkpoint
+
     checkpoint = import_official(args.directory, args.weights)
     save_checkpoint(checkpoint, args.output)
     print(f"{args.output}: {args.weights} weights of {args.directory}")
@@ -110,6 +111,11 @@ def run_import_official(args) -> None:
 def run_compress(args) -> None:
     if args.tile < 1:
         raise UQDMError(f"--tile must be positive, got {args.tile}")
+    from uqdm.checkpoints import load_module
+    from uqdm.images import load_image
+
+    from .codec import compress
+
     outputs = _destinations(args.images, args, ".uqdm")
     images = [load_image(p) for p in args.images]
     model = load_module(args.ckpt)
@@ -135,6 +141,11 @@ def _batches(images: list, tile: int) -> list[list[int]]:
 
 
 def run_decompress(args) -> None:
+    from uqdm.checkpoints import load_module
+    from uqdm.images import save_png
+
+    from .codec import decompress
+
     outputs = _destinations(args.files, args, ".png")
     model = load_module(args.ckpt)
     for path, output in zip(args.files, outputs):
@@ -160,6 +171,10 @@ def run_info(args) -> None:
         container = parse(data)
         chunks = [{"step": i + 1, "bytes": len(c)} for i, c in enumerate(container.chunks)]
         if args.ckpt is not None:
+            from uqdm.checkpoints import load_module
+
+            from .codec import chunk_ideal_bits
+
             for chunk, bits in zip(chunks, chunk_ideal_bits(load_module(args.ckpt), data)):
                 chunk["ideal_bits"] = bits
     print(json.dumps({"header": container.header.as_dict(), "bytes": len(data), "chunks": chunks}, indent=2))

@@ -11,12 +11,12 @@ import io
 import lightning
 import torch
 
+from uqdm.atomic import write_atomic
 from uqdm.checkpoints import OFFICIAL_NETWORK_KEYS, load_official
 from uqdm.errors import UQDMError
-from uqdm.images import write_atomic
 from uqdm.module import UQDMModule
+from uqdm.options import RELEASED_WEIGHTS
 
-WEIGHTS = ("ema", "raw")
 # released config["model"] key -> UQDMModule argument: the network's keys plus the diffusion's
 MODEL_KEYS = {
     **OFFICIAL_NETWORK_KEYS,
@@ -71,8 +71,8 @@ def import_official(directory, weights: str = "ema") -> dict:
     Returns `{"state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch", "global_step"}`,
     loadable by `uqdm.checkpoints.load_module` and `UQDMModule.load_from_checkpoint`.
     """
-    if weights not in WEIGHTS:
-        raise UQDMError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights not in RELEASED_WEIGHTS:
+        raise UQDMError(f"--weights must be one of {RELEASED_WEIGHTS}, got {weights!r}")
     config, checkpoint = load_official(directory)
     if not isinstance(checkpoint, dict):
         raise UQDMError(f"{directory}/checkpoint.pt is not a dict of weights")

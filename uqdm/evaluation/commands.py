@@ -10,7 +10,8 @@ from tqdm import tqdm
 from uqdm.checkpoints import load_module
 from uqdm.diffusion import RECONSTRUCTIONS
 from uqdm.errors import UQDMError
-from uqdm.images import box_resize_center_crop, load_images, write_atomic
+from uqdm.atomic import write_atomic
+from uqdm.images import box_resize_center_crop, load_images
 
 from .classical import CODECS
 from .fid import FIDUnavailable, load_inception

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from uqdm.images import write_atomic
+from uqdm.atomic import write_atomic
 
 from .plots import figure_png, rd_figure
 

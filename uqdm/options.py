@@ -1,0 +1,5 @@
+"""Names of the choices that the command line offers, importable without torch: `uqdm info` and
+`uqdm truncate` must answer before PyTorch would have finished loading."""
+
+RECONSTRUCTIONS = ("denoise", "ancestral", "flow_based")  # the pictures of a lossy truncation point
+RELEASED_WEIGHTS = ("ema", "raw")  # what `uqdm import-official` takes from a released checkpoint
