@@ -2,6 +2,7 @@
 the training callback in a real Trainer (with FID on random Inception weights), `uqdm evaluate`
 end to end, and the Kodak 64×64 figures of the released tiny weights."""
 
+import csv
 import json
 import math
 import urllib.error
@@ -27,7 +28,10 @@ from uqdm.evaluation.fid import FeatureMoments, frechet_distances
 from uqdm.evaluation.metrics import ProgressiveScores
 from uqdm.evaluation.pipeline import run_chain
 from uqdm.images import box_resize_center_crop, load_images
+from uqdm.evaluation.report import compressai_files
 from uqdm.module import UQDMModule
+
+from compressai_format import PUBLISHED_JPEG, compressai_plot_reads, write_published
 
 
 def tiny_module(n_timesteps: int = 2, seed: int = 0) -> UQDMModule:
@@ -69,8 +73,9 @@ def test_classical_codec_rates_come_from_real_bytes_and_rise_with_quality(name):
     if not codec_.available():
         pytest.skip(f"{name} is not available in this installation")
     image = photo(48)
-    points = sweep(codec_, [image])
-    assert len(points) == len(codec_.qualities)
+    points, per_image = sweep(codec_, [image])
+    assert len(points) == len(per_image) == len(codec_.qualities) and all(len(f) == 1 for f in per_image)
+    assert [p["bpp"] for p in points] == [f[0]["bpp"] for f in per_image]
     bpp = [p["bpp"] for p in points]
     psnr = [p["psnr"] for p in points]
     order = 1 if codec_.qualities[-1] > codec_.qualities[0] else -1  # JPEG 2000's knob is a ratio
@@ -260,9 +265,9 @@ def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
     out = tmp_path / "out"
     main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(folder), "--methods", "denoise,ancestral",
-          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out)])
+          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv")])
     printed = capsys.readouterr().out
-    assert "step_2" in printed and "BD-rate of UQDM" in printed
+    assert "step_2" in printed and "BD-rate of UQDM" in printed and "rows.csv" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 2 and results["ssim_metric"] == "ssim"
@@ -277,13 +282,51 @@ def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
     assert set(results["codecs"]) == {"jpeg", "webp"} and set(results["bd_rate"]) == {"jpeg", "webp"}
     assert {"quality", "bpp", "psnr"} <= set(results["codecs"]["jpeg"][0])
 
+    # times per image: the encoder codes chunk after chunk, the denoise decoder shows point after point
+    encoding, decoding = [p["encoding_time"] for p in points], [p["decoding_time"] for p in points]
+    assert all(0 < a < b for a, b in zip(encoding, encoding[1:])) and all(0 < a < b for a, b in zip(decoding, decoding[1:]))
+    assert all(q["encoding_time"] > 0 and q["decoding_time"] > 0 for q in results["codecs"]["jpeg"])
+
+    # per-image rows: every image, method and point of UQDM, every image and quality of each codec
+    rows = results["per_image"]
+    uqdm_rows = [r for r in rows if r["codec"] == "uqdm"]
+    assert len(uqdm_rows) == 2 * 2 * 4 and {r["image"] for r in rows} == {"a.png", "b.png"}
+    assert len([r for r in rows if r["codec"] == "jpeg"]) == 2 * len(CODECS["jpeg"].qualities)
+    for j, point in enumerate(points):  # the means are the rows' means
+        at = [r for r in uqdm_rows if r["point"] == point["name"] and r["method"] == "denoise"]
+        assert np.mean([r["bpp"] for r in at]) == pytest.approx(point["bpp_file"])
+        assert np.mean([r["bpp_ideal"] for r in at]) == pytest.approx(point["bpp_ideal"], rel=1e-6)
+        if point["name"] != "lossless":
+            assert np.mean([r["psnr"] for r in at]) == pytest.approx(point["psnr"]["denoise"], rel=1e-5)
+            assert np.mean([r["ssim"] for r in at]) == pytest.approx(point["ssim"]["denoise"], rel=1e-5)
+    assert all(r["decoding_time"] is None for r in uqdm_rows if r["method"] == "ancestral")
+    with open(tmp_path / "rows.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and "ms-ssim" not in table[0]
+    assert list(table[0]) == ["image", "codec", "method", "point", "quality", "bpp", "bpp_ideal", "psnr", "ssim",
+                              "encoding_time", "decoding_time"]
+    assert float(table[1]["bpp"]) == rows[1]["bpp"] and table[-1]["quality"] == str(rows[-1]["quality"])
+
     assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    curves = {p.stem: json.loads(p.read_text()) for p in (out / "compressai").iterdir()}
-    assert set(curves) == {"uqdm-denoise", "uqdm-ancestral", "jpeg", "webp"}
-    for curve in curves.values():
+    files = {p.stem: p for p in (out / "compressai").iterdir()}
+    assert set(files) == {"uqdm-denoise", "uqdm-ancestral", "jpeg", "webp"}
+    for stem, path in files.items():  # read as CompressAI's plot reads them
+        curve = json.loads(path.read_text())
         assert set(curve) == {"name", "description", "results"}
-        assert len(curve["results"]["bpp"]) == len(curve["results"]["psnr"]) == len(curve["results"]["ms-ssim"]) > 1
-    assert curves["uqdm-denoise"]["results"]["bpp"] == real[:-1]
+        read = compressai_plot_reads(path, "psnr")
+        assert read["name"] == curve["name"] and len(read["xs"]) == len(read["ys"]) > 1
+        assert len(compressai_plot_reads(path, "ssim-rgb")["ys"]) == len(read["xs"])
+        with pytest.raises(ValueError, match='"ms-ssim-rgb" not available'):  # SSIM is not passed off as MS-SSIM
+            compressai_plot_reads(path, "ms-ssim")
+        timed = curve["results"]
+        assert len(timed["encoding_time"]) == len(read["xs"]) and ("decoding_time" in timed) == (stem != "uqdm-ancestral")
+    assert compressai_plot_reads(files["uqdm-denoise"])["xs"] == real[:-1]
+
+    # with MS-SSIM (images of 161 px and more), CompressAI's plot shows it in dB
+    results["ssim_metric"] = "ms-ssim"
+    (tmp_path / "ms.json").write_text(json.dumps(compressai_files(results)["uqdm-denoise"]))
+    shown = compressai_plot_reads(tmp_path / "ms.json", "ms-ssim")["ys"]
+    assert shown == pytest.approx([-10 * math.log10(1 - p["ssim"]["denoise"]) for p in points[:-1]])
 
     module = UQDMModule(**torch.load(tiny_checkpoint)["hyper_parameters"])
     module.load_state_dict(torch.load(tiny_checkpoint)["state_dict"])
@@ -311,6 +354,21 @@ def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, tiny_check
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", "x", "--methods", "blur", "--out", str(out)])
     assert exit_.value.code == 2
+
+
+def test_the_compressai_rule_reads_published_files_and_refuses_the_old_uqdm_keys(tmp_path):
+    """The restated rule of `compressai.utils.plot` on files in CompressAI's published layouts."""
+    published = write_published(tmp_path)
+    jpeg = compressai_plot_reads(published["jpeg"], "psnr")
+    assert jpeg == {"name": "JPEG", "xs": PUBLISHED_JPEG["results"]["bpp"], "ys": PUBLISHED_JPEG["results"]["psnr-rgb"]}
+    ms = compressai_plot_reads(published["jpeg"], "ms-ssim")["ys"]
+    assert ms[0] == pytest.approx(7.0569, abs=1e-4)  # −10·log₁₀(1 − 0.80307)
+    with pytest.raises(ValueError, match='"psnr-rgb" not available'):  # the layout before 1.2.5
+        compressai_plot_reads(published["paper-bmshj2018-factorized"], "psnr")
+    old_uqdm = tmp_path / "uqdm-denoise.json"  # what `uqdm evaluate` wrote before
+    old_uqdm.write_text(json.dumps({"name": "UQDM", "results": {"bpp": [1.0], "psnr": [30.0], "ms-ssim": [0.9]}}))
+    with pytest.raises(ValueError, match='metric "psnr-rgb" not available'):
+        compressai_plot_reads(old_uqdm, "psnr")
 
 
 # --- the released tiny weights on Kodak 64×64 ------------------------------------------------------

@@ -163,11 +163,13 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 
 @torch.inference_mode()
 def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, seed: int = 0,
-             tile: int = 64, batch_tiles: int = BATCH_TILES) -> list[bytes]:
+             tile: int = 64, batch_tiles: int = BATCH_TILES,
+             on_chunk: Callable[[int], None] | None = None) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
-    lossless chunk. Returns one file's bytes per image.
+    lossless chunk. `on_chunk(c)` is called once the first c chunks of every file are coded (c = 0:
+    set-up done, nothing coded yet). Returns one file's bytes per image.
     """
     fp = fingerprint(model)
     net = codec_model(model, batch_tiles)
@@ -188,23 +190,32 @@ def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, s
         k_cpu = k.to("cpu", torch.int64)
         for n, span in enumerate(spans):
             chunks[n].append(coder.encode(_step_model(net, prior, st, u, span), k_cpu[span].flatten()))
+        if on_chunk is not None:
+            on_chunk(i + 1)
         return k
 
+    if on_chunk is not None:
+        on_chunk(0)
     z = _descend(net, headers, channels, min(n_chunks, net.n_timesteps), code)
     if n_chunks > net.n_timesteps:
         for n, span in enumerate(spans):
             chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
+        if on_chunk is not None:
+            on_chunk(net.n_timesteps + 1)
     return [pack(h, c) for h, c in zip(headers, chunks)]
 
 
 @torch.inference_mode()
 def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: str = "denoise",
-               all_points: bool = False, batch_tiles: int = BATCH_TILES) -> Decoded:
+               all_points: bool = False, batch_tiles: int = BATCH_TILES,
+               on_point: Callable[[int, Tensor], None] | None = None) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a chunk decodes its complete chunks (with a warning). `method` is the
     reconstruction of the lossy points ("denoise", "ancestral" or "flow_based"); `all_points`
-    also returns the picture at every point up to there.
+    also returns the picture at every point up to there. `on_point(p, picture)` is called as soon
+    as the picture of each point p up to there is shown (progressive display; every point's
+    picture is made, as with `all_points`).
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -237,16 +248,22 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
 
     def picture(i: int, z: Tensor, prior: Prior | None = None) -> None:
         gen = randomness.generator(header.seed, "ancestral", i, z.device)
-        pictures.append(from_tiles(net.reconstruct(z, i, method, prior, gen).cpu(), header.height, header.width))
+        shown(from_tiles(net.reconstruct(z, i, method, prior, gen).cpu(), header.height, header.width))
 
-    z = _descend(net, [header], channels, min(n_chunks, T), code, picture if all_points else None)
-    if n_chunks <= T or all_points:
+    def shown(image: Tensor) -> None:
+        pictures.append(image)
+        if on_point is not None:
+            on_point(len(pictures) - 1, image)
+
+    every_point = all_points or on_point is not None
+    z = _descend(net, [header], channels, min(n_chunks, T), code, picture if every_point else None)
+    if n_chunks <= T or every_point:
         picture(min(n_chunks, T), z)
     if n_chunks > T:
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.chunks[T], T + 1).view(z.shape)
         ideal.append(_lossless_ideal_bits(net, x_raw, z))
-        pictures.append(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
+        shown(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
     return Decoded(header, pictures[-1], pictures if all_points else None, ideal)
 
 

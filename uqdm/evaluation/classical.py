@@ -3,6 +3,7 @@ through imagecodecs. Every image is encoded to bytes in memory and decoded again
 the real encoded sizes (headers included), distortions from the decoded pixels."""
 
 import io
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,22 +75,34 @@ CODECS = {
 }
 
 
+def measure(codec: ClassicalCodec, image: torch.Tensor, quality: float, ssim: str = "ssim") -> dict:
+    """One image coded at one quality: `{"bpp", "psnr", "ssim", "encoding_time", "decoding_time"}`
+    (real bytes; PSNR in dB, inf where exact; `ssim` of the kind given; seconds)."""
+    start = time.perf_counter()
+    data = codec.encode(image.permute(1, 2, 0).contiguous().numpy(), quality)
+    encoded = time.perf_counter()
+    pixels = codec.decode(data)
+    decoding_time = time.perf_counter() - encoded
+    decoded = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)
+    return {"bpp": bits_per_pixel(8 * len(data), image), "psnr": float(psnr_per_image(decoded[None], image[None])),
+            "ssim": float(ssim_per_image(decoded[None], image[None], ssim)),
+            "encoding_time": encoded - start, "decoding_time": decoding_time}
+
+
 def sweep(codec: ClassicalCodec, images: Sequence[torch.Tensor], ssim: str = "ssim",
-          progress: Callable[[int], None] | None = None) -> list[dict]:
-    """One RD point per quality: mean over images of bpp, of PSNR (dB, exact images left out, see
-    `finite_mean`) and of `ssim` ("ssim" or "ms-ssim"), each image coded at that quality.
-    `progress(1)` is called after each quality."""
-    points = []
+          progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[list[dict]]]:
+    """One RD point per quality, each image coded at that quality (`measure`): the means over
+    images of bpp, PSNR (exact images left out, see `finite_mean`), `ssim` and the times, and each
+    image's figures (per quality, one `measure` per image). `progress(1)` is called after each
+    quality."""
+    points, per_image = [], []
     for quality in codec.qualities:
-        bpp, psnr, similarity = [], [], []
-        for image in images:
-            data = codec.encode(image.permute(1, 2, 0).contiguous().numpy(), quality)
-            decoded = torch.from_numpy(np.array(codec.decode(data), dtype=np.uint8)).permute(2, 0, 1)
-            bpp.append(bits_per_pixel(8 * len(data), image))
-            psnr.append(float(psnr_per_image(decoded[None], image[None])))
-            similarity.append(float(ssim_per_image(decoded[None], image[None], ssim)))
-        points.append({"quality": quality, "bpp": sum(bpp) / len(bpp), "psnr": finite_mean(psnr),
-                       "ssim": sum(similarity) / len(similarity)})
+        figures = [measure(codec, image, quality, ssim) for image in images]
+        mean = lambda key: sum(f[key] for f in figures) / len(figures)
+        points.append({"quality": quality, "bpp": mean("bpp"), "psnr": finite_mean(f["psnr"] for f in figures),
+                       "ssim": mean("ssim"), "encoding_time": mean("encoding_time"),
+                       "decoding_time": mean("decoding_time")})
+        per_image.append(figures)
         if progress is not None:
             progress(1)
-    return points
+    return points, per_image

@@ -17,6 +17,7 @@ from .classical import CODECS
 from .fid import FIDUnavailable, load_inception
 from .pipeline import evaluate
 from .report import results_table, write_outputs
+from .rows import write_csv
 
 
 def _names(allowed: tuple[str, ...], empty: str | None = None):
@@ -39,9 +40,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="progressive rate-distortion of a checkpoint next to classical codecs",
-        description="PSNR (and optionally FID) at every truncation point of UQDM, ideal and real-file "
-        "bits per pixel, the classical codecs on the same images, and BD-rates. Writes DIR/results.json, "
-        "DIR/rd.png, DIR/compressai/*.json and the .uqdm files in DIR/files/, and prints a table.",
+        description="PSNR and SSIM (and optionally FID) at every truncation point of UQDM, ideal and "
+        "real-file bits per pixel, encoding and decoding times, the classical codecs on the same images, "
+        "and BD-rates. Writes DIR/results.json (means and per-image rows), DIR/rd.png, DIR/compressai/*.json "
+        "and the .uqdm files in DIR/files/, and prints a table.",
     )
     p.add_argument("--ckpt", required=True, metavar="C",
                    help="uqdm checkpoint (training's, or from `uqdm import-official`)")
@@ -61,7 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="tiles per network call (default 32)")
     p.add_argument("--tile", type=int, default=64, metavar="T", help="tile size of the codec (default 64)")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device of the network (default cpu)")
+    p.add_argument("--no-decode", dest="decode", action="store_false",
+                   help="do not decode the files again (no decoding times, no check that they decode)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--csv", metavar="FILE", help="also write the per-image rows as one CSV table")
     p.set_defaults(run=run)
 
 
@@ -103,9 +108,9 @@ def run(args) -> None:
         return bars[-1].update
 
     try:
-        results, files = evaluate(module, images, methods=args.methods, codecs=args.codecs, inception=inception,
-                                  seed=args.seed, tile=args.tile, batch_size=args.batch_size, size=args.size,
-                                  progress=progress)
+        results, files = evaluate(module, images, names=[name for name, _ in named], methods=args.methods,
+                                  codecs=args.codecs, inception=inception, seed=args.seed, tile=args.tile,
+                                  batch_size=args.batch_size, size=args.size, decode=args.decode, progress=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -114,8 +119,11 @@ def run(args) -> None:
     for (name, _), data in zip(named, files):
         write_atomic(out / "files" / Path(name).with_suffix(".uqdm"), data)
     write_outputs(out, results)
+    if args.csv:
+        write_csv(args.csv, results["per_image"])
     print(results_table(results))
     for warning in results["warnings"]:
         print(f"warning: {warning}")
-    print(f"wrote {out / 'results.json'}, {out / 'rd.png'}, {out / 'compressai'}/ "
+    csv = f", {args.csv}" if args.csv else ""
+    print(f"wrote {out / 'results.json'}{csv}, {out / 'rd.png'}, {out / 'compressai'}/ "
           f"and {len(files)} files in {out / 'files'}/")

@@ -17,7 +17,12 @@ def _means(n: int) -> nn.ModuleList:
 
 def _value(metric: Metric) -> float | None:
     """A computed mean as a float, None where it has no data (0/0)."""
-    value = float(metric.compute())
+    return _finite(metric.compute())
+
+
+def _finite(value) -> float | None:
+    """A number as a float, None where it is not finite (the PSNR of an exact picture)."""
+    value = float(value)
     return value if math.isfinite(value) else None
 
 
@@ -28,11 +33,16 @@ class ProgressiveScores(nn.Module):
     exact and gets no distortion): `psnr` (mean of per-image PSNR over the images that are not
     exact), optionally `ssim` of the kind given ("ssim" or "ms-ssim", see `quality.ssim_kind`) and
     FID when an Inception network is given (see `fid.load_inception`).
+
+    With `per_image`, it also keeps each image's figures in `per_image`, in the order seen (one
+    dict per image, held by this process only: not synchronised).
     """
 
-    def __init__(self, n_points: int, methods, ssim: str | None = None, inception: nn.Module | None = None):
+    def __init__(self, n_points: int, methods, ssim: str | None = None, inception: nn.Module | None = None,
+                 per_image: bool = False):
         super().__init__()
         self.methods = list(methods)
+        self.per_image: list[dict] | None = [] if per_image else None
         lossy = n_points - 1
         self.bpp = _means(n_points)
         self.psnr = nn.ModuleDict({m: _means(lossy) for m in self.methods})
@@ -57,20 +67,38 @@ class ProgressiveScores(nn.Module):
         move to the metrics' device."""
         images, bits = images.to(self.device), bits.to(self.device)
         pixels = images.shape[-2] * images.shape[-1]
-        for metric, bpp in zip(self.bpp, (bits.float() / pixels).unbind(1)):
-            metric.update(bpp)
+        bpp = bits.float() / pixels
+        for metric, values in zip(self.bpp, bpp.unbind(1)):
+            metric.update(values)
         if self.inception is not None:
             self.real.update(self.inception(images))
+        kinds = ["psnr", *(["ssim"] if self.ssim is not None else [])]
+        measured = {kind: {m: [] for m in self.methods} for kind in kinds}  # per point: B values
         for m in self.methods:
             for j, picture in enumerate(pictures[m][:-1]):
                 picture = picture.to(self.device)
                 psnr = psnr_per_image(picture, images)
                 lossy = torch.isfinite(psnr)
                 self.psnr[m][j].update(torch.where(lossy, psnr, 0.0), weight=lossy.to(psnr.dtype))
+                measured["psnr"][m].append(psnr)
                 if self.ssim is not None:
-                    self.ssim[m][j].update(ssim_per_image(picture, images, self.ssim_kind))
+                    ssim = ssim_per_image(picture, images, self.ssim_kind)
+                    self.ssim[m][j].update(ssim)
+                    measured["ssim"][m].append(ssim)
                 if self.inception is not None:
                     self.fake[m][j].update(self.inception(picture))
+        if self.per_image is not None:
+            self._keep_per_image(bpp, measured)
+
+    def _keep_per_image(self, bpp: Tensor, measured: dict[str, dict[str, list[Tensor]]]) -> None:
+        """One entry per image: `{"bpp": [per point], kind: {method: [per point, None last]}}`."""
+        as_lists = lambda values: torch.stack(values, dim=1).tolist() if values else [[] for _ in bpp]
+        columns = {kind: {m: as_lists(values) for m, values in per_method.items()} for kind, per_method in measured.items()}
+        for b, row in enumerate(bpp.tolist()):
+            entry = {"bpp": row}
+            for kind, per_method in columns.items():
+                entry[kind] = {m: [_finite(v) for v in values[b]] + [None] for m, values in per_method.items()}
+            self.per_image.append(entry)
 
     def compute(self) -> dict:
         """`{"bpp": [...], "psnr": {method: [..., None]}, "ssim": {...} | None, "fid": {...} | None}`;
@@ -92,3 +120,5 @@ class ProgressiveScores(nn.Module):
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
+        if self.per_image is not None:
+            self.per_image.clear()

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uqdm import codec
 from uqdm.codec import randomness
 from uqdm.codec.container import parse
 from uqdm.codec.tiling import from_tiles, grid, to_tiles
@@ -29,6 +28,8 @@ from .classical import CODECS, sweep
 from .metrics import ProgressiveScores
 from .progressive import SharedNoise, point_names, progressive_chain
 from .quality import bits_per_pixel, ssim_kind
+from .rows import codec_rows, uqdm_rows
+from .timed_codec import decode_each, encode_timed
 
 Progress = Callable[[int], None]
 
@@ -103,18 +104,19 @@ def run_chain(model: UQDM, images: Sequence[Tensor], scores: ProgressiveScores, 
 
 
 def compress_each(module: nn.Module, images: Sequence[Tensor], *, seed: int = 0, tile: int = 64,
-                  progress: Progress | None = None) -> tuple[list[bytes], list[float]]:
-    """Each image's `.uqdm` file (seed `seed + n` for image n) and the mean over images of the real
-    cumulative bits per pixel at each truncation point: the file's bytes up to that point's chunk,
-    header included."""
-    files, file_bpp = [], []
+                  progress: Progress | None = None) -> tuple[list[bytes], list[list[float]], list[list[float]]]:
+    """Each image's `.uqdm` file (seed `seed + n` for image n) and, per image and truncation point,
+    the real cumulative bits per pixel (the file's bytes up to that point's chunk, header
+    included) and the encoding time (`timed_codec.encode_timed`)."""
+    files, file_bpp, times = [], [], []
     for n, image in enumerate(images):
-        data = codec.compress(module, [image], seed=seed + n, tile=tile)[0]
+        data, seconds = encode_timed(module, image, seed=seed + n, tile=tile)
         file_bpp.append([bits_per_pixel(8 * end, image) for end in parse(data).ends])
         files.append(data)
+        times.append(seconds)
         if progress is not None:
             progress(1)
-    return files, np.mean(file_bpp, axis=0).tolist()
+    return files, file_bpp, times
 
 
 def bd_rates(points: list[dict], codecs: dict[str, list[dict]]) -> dict[str, float | None]:
@@ -125,25 +127,26 @@ def bd_rates(points: list[dict], codecs: dict[str, list[dict]]) -> dict[str, flo
 
 
 def run_classical(images: Sequence[Tensor], codecs: Sequence[str], ssim: str, times: dict,
-                  progress: Callable[[str, int, str], Progress] | None = None) -> tuple[dict, list[str]]:
-    """Each available codec's quality sweep (`classical.sweep`), its seconds added to `times`, and
-    a warning for each unavailable codec."""
+                  progress: Callable[[str, int, str], Progress] | None = None) -> tuple[dict, dict, list[str]]:
+    """Each available codec's quality sweep (`classical.sweep`: the points, and the per-image
+    figures), its seconds added to `times`, and a warning for each unavailable codec."""
     available = [name for name in codecs if CODECS[name].available()]
     warnings = [f"{name} is not available in this installation; skipped" for name in codecs if name not in available]
     settings = sum(len(CODECS[name].qualities) for name in available)
     bar = progress("classical codecs", settings, "setting") if progress and available else None
-    results = {}
+    results, per_image = {}, {}
     for name in available:
         start = time.perf_counter()
-        results[name] = sweep(CODECS[name], images, ssim, bar)
+        results[name], per_image[name] = sweep(CODECS[name], images, ssim, bar)
         times[name] = time.perf_counter() - start
-    return results, warnings
+    return results, per_image, warnings
 
 
 def evaluate(
     module: nn.Module,
     images: Sequence[Tensor],
     *,
+    names: Sequence[str] | None = None,
     methods: Sequence[str] = ("denoise",),
     codecs: Sequence[str] = tuple(CODECS),
     inception: nn.Module | None = None,
@@ -151,22 +154,28 @@ def evaluate(
     tile: int = 64,
     batch_size: int = 32,
     size: int | None = None,
+    decode: bool = True,
     progress: Callable[[str, int, str], Progress] | None = None,
 ) -> tuple[dict, list[bytes]]:
     """Everything `results.json` holds, and the `.uqdm` files.
 
     `{"images", "size", "tile", "seed", "ssim_metric", "uqdm": {"nelbo_bpp", "points": [{"point",
-    "name", "bpp_ideal", "bpp_file", "psnr": {method: dB}, "ssim": {...}, "fid": {...} | None}]},
-    "codecs": {name: [{"quality", "bpp", "psnr", "ssim"}]}, "codec_settings": {name: knob},
-    "bd_rate": {name: %}, "warnings": [...], "time_s": {...}}`. Means are over images; bpp are
+    "name", "bpp_ideal", "bpp_file", "psnr": {method: dB}, "ssim": {...}, "fid": {...} | None,
+    "encoding_time", "decoding_time"}]}, "codecs": {name: [{"quality", "bpp", "psnr", "ssim",
+    "encoding_time", "decoding_time"}]}, "codec_settings": {name: knob}, "bd_rate": {name: %},
+    "per_image": [row, ...], "warnings": [...], "time_s": {...}}`. Means are over images; bpp are
     cumulative bits per pixel; PSNR is None where every image is exact; `nelbo_bpp` is the NELBO
-    on the transmitted latents, i.e. the ideal lossless bpp. `progress(description, total, unit)`
-    makes a progress callback (called with the units done).
+    on the transmitted latents, i.e. the ideal lossless bpp; times are seconds per image (UQDM's
+    decoding time: the denoise decoder's, None without `decode`); `per_image` holds one row per
+    image, curve and point (`rows`), images named by `names` (default: their index).
+    `decode` decodes every file again, timed, and warns about any that is not its image.
+    `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
-    names = point_names(module.model.n_timesteps)
+    names = [str(n) for n in range(len(images))] if names is None else list(names)
+    points_named = point_names(module.model.n_timesteps)
     kind = ssim_kind(images)
     device = next(module.parameters()).device
-    scores = ProgressiveScores(len(names), methods, ssim=kind, inception=inception).to(device)
+    scores = ProgressiveScores(len(points_named), methods, ssim=kind, inception=inception, per_image=True).to(device)
     times = {}
     start = time.perf_counter()
     run_chain(module.model.eval(), images, scores, seed=seed, tile=tile, batch_size=batch_size,
@@ -174,22 +183,35 @@ def evaluate(
     s = scores.compute()
     times["uqdm_chain"] = time.perf_counter() - start
     start = time.perf_counter()
-    files, bpp_file = compress_each(module, images, seed=seed, tile=tile,
-                                    progress=progress("UQDM files", len(images), "image") if progress else None)
+    files, file_bpp, encoding_time = compress_each(
+        module, images, seed=seed, tile=tile, progress=progress("UQDM files", len(images), "image") if progress else None)
     times["uqdm_files"] = time.perf_counter() - start
+    warnings, decoding_time = [], None
+    if decode:
+        start = time.perf_counter()
+        decoding_time, warnings = decode_each(module, files, images,
+                                              progress("UQDM decoding", len(images), "image") if progress else None)
+        times["uqdm_decoding"] = time.perf_counter() - start
+    mean = lambda per_image, j: float(np.mean([values[j] for values in per_image]))
     points = [
         {
             "point": j,
             "name": name,
             "bpp_ideal": s["bpp"][j],
-            "bpp_file": bpp_file[j],
+            "bpp_file": mean(file_bpp, j),
             "psnr": {m: s["psnr"][m][j] for m in methods},
             "ssim": {m: s["ssim"][m][j] for m in methods},
             "fid": {m: s["fid"][m][j] for m in methods} if s["fid"] else None,
+            "encoding_time": mean(encoding_time, j),
+            "decoding_time": mean(decoding_time, j) if decode else None,
         }
-        for j, name in enumerate(names)
+        for j, name in enumerate(points_named)
     ]
-    classical, warnings = run_classical(images, codecs, kind, times, progress)
+    rows = uqdm_rows(names, points_named, scores.per_image, file_bpp, encoding_time, decoding_time, kind)
+    classical, classical_per_image, unavailable = run_classical(images, codecs, kind, times, progress)
+    warnings += unavailable
+    for name, sweep_ in classical.items():
+        rows += codec_rows(names, name, [q["quality"] for q in sweep_], classical_per_image[name], kind)
     if classical and "denoise" not in methods:
         warnings.append("no BD-rates: they compare the denoise curve, which was not measured")
     results = {
@@ -202,6 +224,7 @@ def evaluate(
         "codecs": classical,
         "codec_settings": {name: CODECS[name].knob for name in classical},
         "bd_rate": bd_rates(points, classical) if "denoise" in methods else {},
+        "per_image": rows,
         "warnings": warnings,
         "time_s": times,
     }

@@ -17,6 +17,10 @@ def uqdm_label(method: str) -> str:
     return f"UQDM ({method})"
 
 
+def codec_label(codec: str) -> str:
+    return CODEC_LABELS.get(codec, codec)
+
+
 def uqdm_curves(bpp: list, psnr: dict[str, list]) -> dict[str, tuple[list, list]]:
     """`"UQDM (<method>)" -> (bpp, psnr)` at every truncation point."""
     return {uqdm_label(m): (bpp, values) for m, values in psnr.items()}
@@ -50,7 +54,7 @@ def results_table(results: dict) -> str:
     rows = [[p["name"], p["bpp_ideal"], p["bpp_file"], *(p[k][m] for k in kinds for m in methods)] for p in points]
     text = format_table(columns, rows)
     if results["bd_rate"]:
-        rates = ", ".join(f"{CODEC_LABELS.get(c, c)} {'-' if v is None else f'{v:+.1f}%'}"
+        rates = ", ".join(f"{codec_label(c)} {'-' if v is None else f'{v:+.1f}%'}"
                           for c, v in results["bd_rate"].items())
         text += f"\nBD-rate of UQDM (denoise, real files) against: {rates}"
     return text
@@ -63,47 +67,64 @@ def rd_curves(results: dict) -> dict[str, tuple[list, list]]:
     methods = list(points[0]["psnr"])
     curves = uqdm_curves([p["bpp_file"] for p in points], {m: [p["psnr"][m] for p in points] for m in methods})
     for codec, sweep in results["codecs"].items():
-        curves[CODEC_LABELS.get(codec, codec)] = ([q["bpp"] for q in sweep], [q["psnr"] for q in sweep])
+        curves[codec_label(codec)] = ([q["bpp"] for q in sweep], [q["psnr"] for q in sweep])
     return curves
 
 
 def compressai_files(results: dict) -> dict[str, dict]:
-    """`file stem -> {"name", "description", "results": {"bpp", "psnr", "ms-ssim"}}` per curve.
+    """`file stem -> {"name", "description", "results": {...}}` per curve, in the layout of
+    CompressAI's result files (`compressai.utils.eval_model`, `results/image/kodak/*.json`).
 
-    UQDM: real file sizes at the lossy points. The "ms-ssim" entries hold SSIM where the images are
-    too small for MS-SSIM (`results["ssim_metric"]` says which); the description says so too.
+    `results` holds `bpp`, `psnr-rgb` and, under its own name, the run's SSIM: `ms-ssim-rgb`
+    (CompressAI's plot converts it to dB) or `ssim-rgb` for images under 161 px, which have no
+    MS-SSIM; then `encoding_time` and `decoding_time` (seconds per image, where measured). The keys
+    of CompressAI before 1.2.5 are there too: `psnr`, and `ms-ssim` when it is MS-SSIM. UQDM:
+    real file sizes at the lossy points.
     """
-    ssim_note = "" if results["ssim_metric"] == "ms-ssim" else "; the ms-ssim entries are SSIM (images under 161 px)"
+    kind = results["ssim_metric"]
     size = f" prepared to {results['size']}x{results['size']}" if results["size"] else " at full size"
     images = f"{results['images']} images{size}"
     points = [p for p in results["uqdm"]["points"] if p["name"] != "lossless"]
     out = {}
     for m in points[0]["psnr"]:
         out[f"uqdm-{m}"] = _compressai(
-            uqdm_label(m), f"UQDM, {m} reconstructions, real .uqdm file sizes, {images}{ssim_note}",
-            [p["bpp_file"] for p in points], [p["psnr"][m] for p in points], [p["ssim"][m] for p in points],
+            uqdm_label(m), f"UQDM, {m} reconstructions, real .uqdm file sizes, {images}", kind,
+            [{"bpp": p["bpp_file"], "psnr": p["psnr"][m], "ssim": p["ssim"][m], "encoding_time": p["encoding_time"],
+              "decoding_time": p["decoding_time"] if m == "denoise" else None} for p in points],  # denoise decoder
         )
     for codec, sweep in results["codecs"].items():
         knob = results["codec_settings"][codec]
         out[codec] = _compressai(
-            CODEC_LABELS.get(codec, codec), f"{CODEC_LABELS.get(codec, codec)}, quality = {knob}, {images}{ssim_note}",
-            [q["bpp"] for q in sweep], [q["psnr"] for q in sweep], [q["ssim"] for q in sweep],
-        )
+            codec_label(codec), f"{codec_label(codec)}, quality = {knob}, {images}", kind, sweep)
     return out
 
 
-def _compressai(name: str, description: str, bpp: list, psnr: list, ssim: list) -> dict:
-    kept = [(b, p, s) for b, p, s in zip(bpp, psnr, ssim) if p is not None and math.isfinite(p)]
-    bpp, psnr, ssim = (list(column) for column in zip(*kept)) if kept else ([], [], [])
-    return {"name": name, "description": description, "results": {"bpp": bpp, "psnr": psnr, "ms-ssim": ssim}}
+def _compressai(name: str, description: str, kind: str, points: list[dict]) -> dict:
+    """One CompressAI file from points `{"bpp", "psnr", "ssim", "encoding_time", "decoding_time"}`
+    (points without a finite PSNR left out; a time key only where every point has it)."""
+    kept = [p for p in points if p["psnr"] is not None and math.isfinite(p["psnr"])]
+    column = lambda key: [p[key] for p in kept]
+    psnr, ssim = column("psnr"), column("ssim")
+    results = {"bpp": column("bpp"), "psnr-rgb": psnr, f"{kind}-rgb": ssim, "psnr": psnr}
+    if kind == "ms-ssim":
+        results["ms-ssim"] = ssim
+    for key in ("encoding_time", "decoding_time"):
+        if kept and all(p.get(key) is not None for p in kept):
+            results[key] = column(key)
+    return {"name": name, "description": description, "results": results}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """`data` as indented JSON, atomically: how `results.json`, the CompressAI files and each fit
+    run's `rd.json` are written (`uqdm plot` reads them all)."""
+    write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def write_outputs(out: Path, results: dict) -> None:
     """`out/results.json`, `out/rd.png` and `out/compressai/<curve>.json`, each written atomically."""
-    write_atomic(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
+    write_json(out / "results.json", results)
     size = f", {results['size']}×{results['size']}" if results["size"] else ""
     title = f"Rate-distortion on {results['images']} images{size} (UQDM: real .uqdm file sizes)"
     write_atomic(out / "rd.png", figure_png(rd_figure(rd_curves(results), title)))
     for stem, curve in compressai_files(results).items():
-        write_atomic(out / "compressai" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}.json",
-                     (json.dumps(curve, indent=1) + "\n").encode())
+        write_json(out / "compressai" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}.json", curve)

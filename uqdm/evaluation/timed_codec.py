@@ -1,0 +1,46 @@
+"""The real `.uqdm` files of an evaluation, written and read back with a stopwatch: seconds from the
+start of the call to each truncation point, what CompressAI's result files call `encoding_time`
+and `decoding_time`."""
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from uqdm import codec
+
+
+def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int) -> tuple[bytes, list[float]]:
+    """One image's file and, per truncation point p (p chunks: z₁ alone, the steps, lossless), the
+    seconds until its first p chunks were coded: what an encoder stopping at p spends (p = 0: the
+    set-up, model copy and fingerprint included)."""
+    times = []
+    start = time.perf_counter()
+    data = codec.compress(module, [image], seed=seed, tile=tile,
+                          on_chunk=lambda _: times.append(time.perf_counter() - start))[0]
+    return data, times
+
+
+def decode_timed(module: nn.Module, data: bytes) -> tuple[Tensor, list[float]]:
+    """The decoded image and, per truncation point p, the seconds until the decoder showed p's
+    denoise picture, having shown every earlier point's on the way (progressive display)."""
+    times = []
+    start = time.perf_counter()
+    decoded = codec.decompress(module, data, on_point=lambda *_: times.append(time.perf_counter() - start))
+    return decoded.image, times
+
+
+def decode_each(module: nn.Module, files: Sequence[bytes], images: Sequence[Tensor],
+                progress: Callable[[int], None] | None = None) -> tuple[list[list[float]], list[str]]:
+    """Decode every file (`decode_timed`): its decoding times per point, and a warning for each
+    file that does not decode to its image (a codec bug; nothing else is affected)."""
+    times, warnings = [], []
+    for n, (data, image) in enumerate(zip(files, images)):
+        decoded, seconds = decode_timed(module, data)
+        times.append(seconds)
+        if not torch.equal(decoded, image):
+            warnings.append(f"the file of image {n} does not decode to the image")
+        if progress is not None:
+            progress(1)
+    return times, warnings
