@@ -322,6 +322,13 @@ def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
         assert len(timed["encoding_time"]) == len(read["xs"]) and ("decoding_time" in timed) == (stem != "uqdm-ancestral")
     assert compressai_plot_reads(files["uqdm-denoise"])["xs"] == real[:-1]
 
+    # `uqdm plot` overlays the run's results.json with its own CompressAI files: the same curves
+    main(["plot", str(out / "results.json"), str(files["uqdm-denoise"]), "-o", str(tmp_path / "overlay.png"),
+          "--anchor", "UQDM (denoise) [out]"])
+    table = capsys.readouterr().out
+    same = table.split("UQDM (denoise) [uqdm-denoise]")[1].splitlines()[0].split()
+    assert "JPEG" in table and float(same[-1]) == pytest.approx(0.0, abs=1e-9)
+
     # with MS-SSIM (images of 161 px and more), CompressAI's plot shows it in dB
     results["ssim_metric"] = "ms-ssim"
     (tmp_path / "ms.json").write_text(json.dumps(compressai_files(results)["uqdm-denoise"]))

@@ -17,6 +17,7 @@ TOOLS = {
     "truncate": "uqdm.codec.commands",
     "info": "uqdm.codec.commands",
     "evaluate": "uqdm.evaluation.commands",
+    "plot": "uqdm.evaluation.overlay",
     "sweep-local": "uqdm.sweeps",
 }
 

@@ -62,11 +62,12 @@ def results_table(results: dict) -> str:
 
 def rd_curves(results: dict) -> dict[str, tuple[list, list]]:
     """Every curve of `results.json` as `label -> (bpp, psnr)`: UQDM per method (real file sizes,
-    lossy points), then the classical codecs."""
+    lossy points; ideal bits where a run wrote no files), then the classical codecs (if any)."""
     points = [p for p in results["uqdm"]["points"] if p["name"] != "lossless"]
     methods = list(points[0]["psnr"])
-    curves = uqdm_curves([p["bpp_file"] for p in points], {m: [p["psnr"][m] for p in points] for m in methods})
-    for codec, sweep in results["codecs"].items():
+    bpp = [p["bpp_file"] if p.get("bpp_file") is not None else p["bpp_ideal"] for p in points]
+    curves = uqdm_curves(bpp, {m: [p["psnr"][m] for p in points] for m in methods})
+    for codec, sweep in results.get("codecs", {}).items():
         curves[codec_label(codec)] = ([q["bpp"] for q in sweep], [q["psnr"] for q in sweep])
     return curves
 
