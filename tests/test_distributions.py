@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from uqdm.diffusion import universal_quantize
+from uqdm.walk import universal_quantize
 from uqdm.distributions import base_distribution, log_interval_mass, log_prob_uniform_convolved
 
 D = torch.float64

@@ -1,11 +1,15 @@
 """The discrete-time diffusion objective (NELBO in nats) and its progressive reconstructions.
 
-Plain `nn.Module`s: they know nothing of Lightning, files or entropy coders. The codec and the
-evaluation call the same `step` / `prior` / `posterior_mean` functions as training, so the encoder,
-the decoder and the loss can never disagree about a step. Symbols follow `docs/METHOD.md`.
+Plain `nn.Module`s: they know nothing of Lightning, files or entropy coders. `DiscreteDiffusion`
+holds what both kinds share (the steps, the prior, the top and bottom of the hierarchy, the NELBO
+and the reconstructions); `UQDM` (uniform posteriors: a real code) and `GaussianDiffusion` (a
+theoretical rate) are its two kinds. Every loop over the steps is a `walk.Walk`, so the loss, the
+encoder, the decoder and the evaluation can never disagree about a step. Symbols follow
+`docs/METHOD.md`.
 """
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 from .distributions import base_distribution, log_prob_uniform_convolved
 from .options import RECONSTRUCTIONS
 from .schedules import NoiseSchedule, alpha_sigma
+from .walk import Walk
 
 VOCAB_SIZE = 256
 DIFFUSIONS = ("uniform", "gaussian")
@@ -57,9 +62,16 @@ class Prior:
     x_hat: Tensor  # clip((z_t − σ_t·ε̂)/α_t, −1, 1)
     x_hat_unclipped: Tensor
 
+    def __getitem__(self, rows: slice) -> "Prior":
+        """The prior of some rows of the batch."""
+        return Prior(self.mean[rows], self.std[rows], self.x_hat[rows], self.x_hat_unclipped[rows])
 
-class UQDM(nn.Module):
-    """Universally quantized diffusion: uniform posteriors, prior g ⊛ Uniform(−Δ/2, Δ/2).
+
+class DiscreteDiffusion(nn.Module, ABC):
+    """A T-step diffusion with a learned prior p(z_s | z_t) whose location comes from a network.
+
+    Its kinds differ in the posterior q(z_s | z_t, x), the prior's shape around μ_p, and the rate
+    of a step (`sample_posterior`, `sample_prior`, `step_rate`).
 
     Args:
         network: maps `(z_t, γ_t)` to `(ε̂, scale factor or None)`.
@@ -135,26 +147,17 @@ class UQDM(nn.Module):
         """The base density g of the prior (centred at 0)."""
         return base_distribution(self.prior_type, prior.std)
 
+    @abstractmethod
     def sample_posterior(self, mu_q: Tensor, st: Step) -> Tensor:
-        """z_s ~ Uniform(μ_q − Δ/2, μ_q + Δ/2)."""
-        return mu_q + st.delta * (torch.rand_like(mu_q) - 0.5)
+        """z_s ~ q(z_s | z_t, x), centred at μ_q."""
 
+    @abstractmethod
     def sample_prior(self, prior: Prior, st: Step, generator: torch.Generator | None = None) -> Tensor:
-        """z_s ~ p(z_s | z_t) = g ⊛ Uniform(−Δ/2, Δ/2), around the prior mean."""
-        shape, dev = prior.mean.shape, prior.mean.device
-        v = torch.rand(shape, generator=generator, device=dev, dtype=prior.mean.dtype)
-        v = v.clamp(1e-12, 1 - 1e-12)
-        g = self.base(prior)
-        if self.prior_type == "logistic":
-            noise = g.scale * torch.log(v / (1 - v))
-        else:
-            noise = g.scale * math.sqrt(2) * torch.erfinv(2 * v - 1)
-        w = torch.rand(shape, generator=generator, device=dev, dtype=prior.mean.dtype)
-        return prior.mean + noise + st.delta * (w - 0.5)
+        """z_s ~ p(z_s | z_t)."""
 
+    @abstractmethod
     def step_rate(self, z_s: Tensor, mu_q: Tensor, prior: Prior, st: Step) -> Tensor:
-        """Rate in nats per dimension: −log(p(z_s)·Δ), whose mean under q is KL(q ‖ p)."""
-        return -log_prob_uniform_convolved(self.base(prior), z_s - prior.mean, st.delta)
+        """The step's rate in nats per dimension, at the latent z_s reached from μ_q."""
 
     # --- top and bottom -----------------------------------------------------------------------
     def kl_top(self, x: Tensor) -> Tensor:
@@ -204,15 +207,13 @@ class UQDM(nn.Module):
         """
         x = to_centered(x_raw).to(self._time(0.0).dtype)
         latent = sum_per_image(self.kl_top(x))
-        z = self.sample_top(x)
+        walk = Walk(self, self.sample_top(x))
         diffusion = torch.zeros_like(latent)
-        for i in range(self.n_timesteps):
-            st = self.step(i)
-            prior = self.prior(z, st)
-            mu_q = self.posterior_mean(x, z, st)
-            z = self.sample_posterior(mu_q, st)
-            diffusion = diffusion + sum_per_image(self.step_rate(z, mu_q, prior, st))
-        recon = -sum_per_image(self.log_likelihood(x_raw, z))
+        for node in walk:
+            mu_q = self.posterior_mean(x, node.z_t, node.step)
+            node.z_s = self.sample_posterior(mu_q, node.step)
+            diffusion = diffusion + sum_per_image(self.step_rate(node.z_s, mu_q, node.prior, node.step))
+        recon = -sum_per_image(self.log_likelihood(x_raw, walk.z))
         return {"latent": latent, "diffusion": diffusion, "recon": recon}
 
     # --- progressive reconstruction from z_t after i of T steps ---------------------------------
@@ -238,16 +239,15 @@ class UQDM(nn.Module):
         if method == "denoise":
             prior = prior if prior is not None else self.prior(z_t, self.step(i))
             return self.decode_argmax(prior.x_hat)
-        z = z_t
-        for j in range(i, T):
-            st = self.step(j)
-            p = prior if (j == i and prior is not None) else self.prior(z, st)
+        walk = Walk(self, z_t, start=i, prior=prior)
+        for node in walk:
+            z, st = node.z_t, node.step
             if method == "ancestral":
-                z = self.sample_prior(self._sampling_prior(p, z, st), st, generator)
+                node.z_s = self.sample_prior(self._sampling_prior(node.prior, z, st), st, generator)
             else:  # flow_based: z_s = (σ_s/σ_t)·z_t − (α_t·σ_s/σ_t − α_s)·x̂, x̂ unclipped
                 ratio = st.sigma_s / st.sigma_t
-                z = ratio * z - (st.alpha_t * ratio - st.alpha_s) * p.x_hat_unclipped
-        return self.decode_argmax(z)
+                node.z_s = ratio * z - (st.alpha_t * ratio - st.alpha_s) * node.prior.x_hat_unclipped
+        return self.decode_argmax(walk.z)
 
     def _sampling_prior(self, prior: Prior, z_t: Tensor, st: Step) -> Prior:
         """Ancestral sampling always centres p at the posterior mean of the clipped x̂."""
@@ -257,7 +257,33 @@ class UQDM(nn.Module):
         return Prior(mean, prior.std, prior.x_hat, prior.x_hat_unclipped)
 
 
-class GaussianDiffusion(UQDM):
+class UQDM(DiscreteDiffusion):
+    """Universally quantized diffusion: uniform posteriors, prior g ⊛ Uniform(−Δ/2, Δ/2); its rate
+    is the length of a real code (`uqdm.codec`)."""
+
+    def sample_posterior(self, mu_q: Tensor, st: Step) -> Tensor:
+        """z_s ~ Uniform(μ_q − Δ/2, μ_q + Δ/2)."""
+        return mu_q + st.delta * (torch.rand_like(mu_q) - 0.5)
+
+    def sample_prior(self, prior: Prior, st: Step, generator: torch.Generator | None = None) -> Tensor:
+        """z_s ~ p(z_s | z_t) = g ⊛ Uniform(−Δ/2, Δ/2), around the prior mean."""
+        shape, dev = prior.mean.shape, prior.mean.device
+        v = torch.rand(shape, generator=generator, device=dev, dtype=prior.mean.dtype)
+        v = v.clamp(1e-12, 1 - 1e-12)
+        g = self.base(prior)
+        if self.prior_type == "logistic":
+            noise = g.scale * torch.log(v / (1 - v))
+        else:
+            noise = g.scale * math.sqrt(2) * torch.erfinv(2 * v - 1)
+        w = torch.rand(shape, generator=generator, device=dev, dtype=prior.mean.dtype)
+        return prior.mean + noise + st.delta * (w - 0.5)
+
+    def step_rate(self, z_s: Tensor, mu_q: Tensor, prior: Prior, st: Step) -> Tensor:
+        """Rate in nats per dimension: −log(p(z_s)·Δ), whose mean under q is KL(q ‖ p)."""
+        return -log_prob_uniform_convolved(self.base(prior), z_s - prior.mean, st.delta)
+
+
+class GaussianDiffusion(DiscreteDiffusion):
     """The same discrete-time model with Gaussian q and p (Ho et al. 2020; Theis et al. 2022).
 
     Its rate KL(q ‖ p) is a theoretical figure: no practical coder achieves it (it would need
@@ -278,12 +304,3 @@ class GaussianDiffusion(UQDM):
         s_q, c = st.posterior_std, prior.std
         return torch.log(c / s_q) + (s_q**2 + (mu_q - prior.mean) ** 2) / (2 * c**2) - 0.5
 
-
-def universal_quantize(mu_q: Tensor, mu_p: Tensor, delta: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Universal quantization of one step with the shared dither u ~ Uniform(−½, ½).
-
-    k = round((μ_q − μ_p)/Δ + u) is what the encoder sends; z_s = μ_p + (k − u)·Δ is then an exact
-    sample of Uniform(μ_q − Δ/2, μ_q + Δ/2) = q(z_s | z_t, x).
-    """
-    k = torch.round((mu_q - mu_p) / delta + u)
-    return k, mu_p + (k - u) * delta

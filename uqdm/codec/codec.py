@@ -1,26 +1,28 @@
 """Compress images into `.uqdm` files and decode them, progressively (symbols as in docs/METHOD.md).
 
-One walk down the hierarchy serves both directions. All tiles of all images in a call go through
-each step together; step `i` needs the prior p(z_s | z_t) at the current latents, the shared dither
-`u`, and then either the encoder's `k = round((μ_q − μ_p)/Δ + u)` or the decoder's decoded `k`;
-both sides continue from `z_s = μ_p + (k − u)·Δ`. The network runs in float64 in sub-batches of
-`batch_tiles` tiles; last-bit differences between sub-batch sizes never reach the tables (see
-`tables`).
+Both directions are consumers of one `walk.Walk` from the shared z₁, fed by `_coded_steps`: at
+step `i` it gives the prior p(z_s | z_t) at the current latents, the shared dither `u` and each
+image's entropy model (the same calls on both sides); the encoder then sends
+`k = round((μ_q − μ_p)/Δ + u)`, the decoder reads `k`, and both continue from
+`z_s = μ_p + (k − u)·Δ`. All tiles of all images in a call go through each step together. The
+network runs in float64 in sub-batches of `batch_tiles` tiles; last-bit differences between
+sub-batch sizes never reach the tables (see `tables`).
 """
 
 import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from uqdm.diffusion import RECONSTRUCTIONS, UQDM, GaussianDiffusion, Prior, Step, to_centered, universal_quantize
+from uqdm.diffusion import RECONSTRUCTIONS, UQDM, Prior, to_centered
 from uqdm.errors import UQDMError
 from uqdm.schedules import alpha_sigma
+from uqdm.walk import Node, Walk, quantization_index
 
 from . import coder, randomness, tables
 from .container import FINGERPRINT_BYTES, Header, pack, parse
@@ -44,6 +46,16 @@ class Decoded:
     ideal_bits: list[float]
 
 
+@dataclass
+class Encoded:
+    """A file, and what decoding it shows: `points[method][p]` is the picture after p chunks
+    (`decompress(..., method=method, all_points=True).points`), `ideal_bits[c]` as in `Decoded`."""
+
+    data: bytes
+    points: dict[str, list[Tensor]]
+    ideal_bits: list[float]
+
+
 class SubBatched(nn.Module):
     """Calls a score network on at most `size` samples at a time and concatenates the outputs."""
 
@@ -63,7 +75,7 @@ class SubBatched(nn.Module):
 def as_uqdm(model: nn.Module) -> UQDM:
     """The UQDM of a `UQDMModule` (or the UQDM itself); Gaussian diffusion has no real code."""
     model = getattr(model, "model", model)
-    if isinstance(model, GaussianDiffusion) or not isinstance(model, UQDM):
+    if not isinstance(model, UQDM):
         raise UQDMError("only a universally quantized (diffusion: uniform) model can compress; "
                         f"got {type(model).__name__}")
     return model
@@ -110,36 +122,45 @@ def _shared(headers: list[Header], channels: int, draw: Callable[[int, tuple[int
     return torch.cat([draw(h.seed, (s.stop - s.start, channels, h.tile, h.tile)) for h, s in zip(headers, spans)])
 
 
-# A step's coder: (step index, z_t, prior, step, u) -> k, and it writes or reads the chunk.
-StepCoder = Callable[[int, Tensor, Prior, Step, Tensor], Tensor]
+def _coded_steps(net: UQDM, walk: Walk, headers: list[Header], channels: int
+                 ) -> Iterator[tuple[Node, Tensor, list[tables.StepModel]]]:
+    """The walk's steps, each with the shared dither u and every image's entropy model of k.
 
-
-def _descend(net: UQDM, headers: list[Header], channels: int, n_steps: int, code: StepCoder,
-             on_point: Callable[[int, Tensor, Prior], None] | None = None) -> Tensor:
-    """Run `n_steps` steps from the shared z₁ for all tiles; return the latents reached."""
+    Encoder and decoder both call this: their priors, dithers and tables are made by the same code.
+    The consumer sets each node's z_s (`node.quantize(k, u)`).
+    """
     device = next(net.parameters()).device
-    z = _shared(headers, channels, randomness.top_latent).to(device)
-    for i in range(n_steps):
-        st = net.step(i)
-        prior = net.prior(z, st)
+    spans = _spans(headers)
+    for node in walk:
+        prior = node.prior
         if not (torch.isfinite(prior.mean).all() and torch.isfinite(prior.std).all()):
-            raise UQDMError(f"the model's prior is not finite at step {i + 1}; is the checkpoint broken?")
-        if on_point is not None:
-            on_point(i, z, prior)
-        u = _shared(headers, channels, lambda seed, shape: randomness.dither(seed, i, shape)).to(device)
-        k = code(i, z, prior, st, u)
-        z = prior.mean + (k - u) * st.delta
-    return z
+            raise UQDMError(f"the model's prior is not finite at step {node.i + 1}; is the checkpoint broken?")
+        u = _shared(headers, channels, lambda seed, shape: randomness.dither(seed, node.i, shape)).to(device)
+        std, delta, u_cpu = prior.std.cpu(), node.step.delta.cpu(), u.cpu()
+        yield node, u, [tables.step_model(std[span], delta, u_cpu[span], net.prior_type) for span in spans]
 
 
-def _step_model(net: UQDM, prior: Prior, st: Step, u: Tensor, span: slice) -> tables.StepModel:
-    return tables.step_model(prior.std[span].cpu(), st.delta.cpu(), u[span].cpu(), net.prior_type)
+def _top(net: UQDM, headers: list[Header], channels: int) -> Tensor:
+    """The shared z₁ of every image's tiles, on the model's device."""
+    return _shared(headers, channels, randomness.top_latent).to(next(net.parameters()).device)
+
+
+def _ideal_step_bits(net: UQDM, node: Node, u: Tensor, k: Tensor, span: slice) -> float:
+    return tables.ideal_step_bits(node.prior.std[span].cpu(), node.step.delta.cpu(), u[span].cpu(),
+                                  k[span].to("cpu", torch.float64), net.prior_type)
 
 
 def _lossless_model(net: UQDM, z_0: Tensor) -> tables.LosslessModel:
     gamma_0 = net.gamma_at(0.0)
     alpha_0, _ = alpha_sigma(gamma_0)
     return tables.lossless_model(z_0.cpu(), alpha_0.cpu(), gamma_0.cpu())
+
+
+def _show(net: UQDM, header: Header, method: str, i: int, z_t: Tensor, prior: Prior | None) -> Tensor:
+    """The picture a decoder shows holding one image's tiles z_t after i steps (`ancestral` draws
+    from the generator of (seed, "ancestral", i))."""
+    gen = randomness.generator(header.seed, "ancestral", i, z_t.device)
+    return from_tiles(net.reconstruct(z_t, i, method, prior, gen).cpu(), header.height, header.width)
 
 
 def _check_images(images: list[Tensor], channels: int) -> int:
@@ -171,38 +192,79 @@ def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, s
     lossless chunk. `on_chunk(c)` is called once the first c chunks of every file are coded (c = 0:
     set-up done, nothing coded yet). Returns one file's bytes per image.
     """
+    return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk)]
+
+
+@torch.inference_mode()
+def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
+                         tile: int = 64, batch_tiles: int = BATCH_TILES,
+                         on_chunk: Callable[[int], None] | None = None) -> list[Encoded]:
+    """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
+    same walk what decoding each file shows at every truncation point for each of `methods`, and
+    the ideal bits of each chunk. `on_chunk` as in `compress`; the pictures are made after the last
+    chunk is coded.
+    """
+    for method in methods:
+        _check_method(method)
+    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk)
+
+
+def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps: int | None,
+            methods: Sequence[str] | None, tile: int, batch_tiles: int,
+            on_chunk: Callable[[int], None] | None) -> list[Encoded]:
+    """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
+    and ideal bits of `Encoded`."""
     fp = fingerprint(model)
     net = codec_model(model, batch_tiles)
     channels = _check_images(images, net.network.n_channels)
-    n_chunks = _n_chunks(steps, net.n_timesteps)
+    T = net.n_timesteps
+    n_chunks = _n_chunks(steps, T)
     try:
-        headers = [Header(fp, im.shape[1], im.shape[2], tile, net.n_timesteps, seed) for im in images]
+        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, seed) for im, seed in zip(images, seeds)]
     except ValueError as e:
         raise UQDMError(f"cannot compress: {e}") from None
     spans = _spans(headers)
     device = next(net.parameters()).device
     x_raw = torch.cat([to_tiles(im, tile) for im in images])
     x = to_centered(x_raw).to(device, torch.float64)
+    report = methods is not None
+    out = [Encoded(b"", {m: [] for m in methods or ()}, []) for _ in images]
     chunks: list[list[bytes]] = [[] for _ in images]
-
-    def code(i: int, z: Tensor, prior: Prior, st: Step, u: Tensor) -> Tensor:
-        k, _ = universal_quantize(net.posterior_mean(x, z, st), prior.mean, st.delta, u)
+    coded = on_chunk or (lambda c: None)
+    coded(0)
+    walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
+    nodes = []
+    for node, u, models in _coded_steps(net, walk, headers, channels):
+        k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
         k_cpu = k.to("cpu", torch.int64)
         for n, span in enumerate(spans):
-            chunks[n].append(coder.encode(_step_model(net, prior, st, u, span), k_cpu[span].flatten()))
-        if on_chunk is not None:
-            on_chunk(i + 1)
-        return k
-
-    if on_chunk is not None:
-        on_chunk(0)
-    z = _descend(net, headers, channels, min(n_chunks, net.n_timesteps), code)
-    if n_chunks > net.n_timesteps:
+            chunks[n].append(coder.encode(models[n], k_cpu[span].flatten()))
+            if report:
+                out[n].ideal_bits.append(_ideal_step_bits(net, node, u, k, span))
+        node.quantize(k, u)
+        if report:
+            nodes.append(node)
+        coded(node.i + 1)
+    z = walk.z
+    if n_chunks > T:
         for n, span in enumerate(spans):
             chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
-        if on_chunk is not None:
-            on_chunk(net.n_timesteps + 1)
-    return [pack(h, c) for h, c in zip(headers, chunks)]
+            if report:
+                out[n].ideal_bits.append(_lossless_ideal_bits(net, x_raw[span], z[span]))
+        coded(T + 1)
+    for e, h, c in zip(out, headers, chunks):
+        e.data = pack(h, c)
+    if report:  # what the decoder of each file shows at each point
+        for e, h, span, image in zip(out, headers, spans, images):
+            for m in e.points:
+                e.points[m] = [_show(net, h, m, nd.i, nd.z_t[span], nd.prior[span]) for nd in nodes]
+                e.points[m] += [_show(net, h, m, T, z[span], None), image]
+    return out
+
+
+def _check_method(method: str) -> None:
+    if method not in RECONSTRUCTIONS:
+        raise ValueError(f"unknown reconstruction {method!r}; choose one of {RECONSTRUCTIONS}")
 
 
 @torch.inference_mode()
@@ -220,8 +282,7 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
     """
-    if method not in RECONSTRUCTIONS:
-        raise ValueError(f"unknown reconstruction {method!r}; choose one of {RECONSTRUCTIONS}")
+    _check_method(method)
     container = parse(data)
     header = container.header
     fp = fingerprint(model)
@@ -240,25 +301,22 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
     ideal: list[float] = []
     pictures: list[Tensor] = []
 
-    def code(i: int, z: Tensor, prior: Prior, st: Step, u: Tensor) -> Tensor:
-        span = slice(0, len(z))
-        k = coder.decode(_step_model(net, prior, st, u, span), container.chunks[i], i + 1).view(z.shape)
-        ideal.append(tables.ideal_step_bits(prior.std.cpu(), st.delta.cpu(), u.cpu(), k.double(), net.prior_type))
-        return k.to(z.device, torch.float64)
-
-    def picture(i: int, z: Tensor, prior: Prior | None = None) -> None:
-        gen = randomness.generator(header.seed, "ancestral", i, z.device)
-        shown(from_tiles(net.reconstruct(z, i, method, prior, gen).cpu(), header.height, header.width))
-
     def shown(image: Tensor) -> None:
         pictures.append(image)
         if on_point is not None:
             on_point(len(pictures) - 1, image)
 
     every_point = all_points or on_point is not None
-    z = _descend(net, [header], channels, min(n_chunks, T), code, picture if every_point else None)
+    walk = Walk(net, _top(net, [header], channels), stop=min(n_chunks, T))
+    for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
+        if every_point:
+            shown(_show(net, header, method, node.i, node.z_t, node.prior))
+        k = coder.decode(step_model, container.chunks[node.i], node.i + 1).view(node.z_t.shape)
+        ideal.append(_ideal_step_bits(net, node, u, k, slice(None)))
+        node.quantize(k.to(node.z_t.device, torch.float64), u)
+    z = walk.z
     if n_chunks <= T or every_point:
-        picture(min(n_chunks, T), z)
+        shown(_show(net, header, method, min(n_chunks, T), z, None))
     if n_chunks > T:
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.chunks[T], T + 1).view(z.shape)

@@ -1,5 +1,7 @@
 """The progressive chain of a batch: cumulative ideal bits and the decoder's pictures at every
-truncation point, with universal quantization as the codec does it. No Lightning, no files."""
+truncation point, with universal quantization as the codec does it, on a `walk.Walk` in the
+model's dtype. No Lightning, no files: the training callback's measure (`uqdm evaluate` runs the
+codec itself, `codec.compress_progressive`)."""
 
 import math
 from dataclasses import dataclass
@@ -7,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from uqdm.diffusion import UQDM, sum_per_image, to_centered, universal_quantize
+from uqdm.diffusion import UQDM, sum_per_image, to_centered
+from uqdm.walk import Walk, quantization_index
 
 
 def point_names(n_timesteps: int) -> list[str]:
@@ -73,19 +76,18 @@ def progressive_chain(
     ref = next(model.parameters())
     as_model = dict(device=ref.device, dtype=ref.dtype)
     x = to_centered(x_raw).to(**as_model)
-    z = noise.top.to(**as_model)
+    walk = Walk(model, noise.top.to(**as_model))
     bits = [torch.zeros(x.shape[0], **as_model)]
     pictures: dict[str, list[Tensor]] = {m: [] for m in methods}
-    for i in range(T):
-        st = model.step(i)
-        prior = model.prior(z, st)
+    for node in walk:
         for m in methods:
-            pictures[m].append(model.reconstruct(z, i, m, prior=prior, generator=generator))
-        mu_q = model.posterior_mean(x, z, st)
-        _, z = universal_quantize(mu_q, prior.mean, st.delta, noise.dithers[i].to(**as_model))
-        bits.append(bits[-1] + sum_per_image(model.step_rate(z, mu_q, prior, st)) / math.log(2))
+            pictures[m].append(model.reconstruct(node.z_t, node.i, m, prior=node.prior, generator=generator))
+        mu_q = model.posterior_mean(x, node.z_t, node.step)
+        u = noise.dithers[node.i].to(**as_model)
+        z = node.quantize(quantization_index(mu_q, node.prior.mean, node.step.delta, u), u)
+        bits.append(bits[-1] + sum_per_image(model.step_rate(z, mu_q, node.prior, node.step)) / math.log(2))
     for m in methods:
-        pictures[m].append(model.reconstruct(z, T, m, generator=generator))
+        pictures[m].append(model.reconstruct(walk.z, T, m, generator=generator))
         pictures[m].append(x_raw.to(device=ref.device, dtype=torch.uint8))
-    bits.append(bits[-1] - sum_per_image(model.log_likelihood(x_raw.to(ref.device), z)) / math.log(2))
+    bits.append(bits[-1] - sum_per_image(model.log_likelihood(x_raw.to(ref.device), walk.z)) / math.log(2))
     return Progression(torch.stack(bits, dim=1), pictures)
