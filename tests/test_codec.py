@@ -19,6 +19,7 @@ from uqdm.cli import main
 from uqdm.codec import (
     Header,
     compress,
+    compress_progressive,
     decompress,
     fingerprint,
     import_official,
@@ -133,6 +134,20 @@ def test_other_reconstructions_run(module, files):
         one = decompress(module, truncate(files[1], 1), method=method)
         assert one.image.shape == (3, 16, 16)
         assert torch.equal(one.image, decompress(module, truncate(files[1], 1), method=method).image)
+
+
+def test_the_encoder_shows_what_the_decoder_shows(module, images, files):
+    """One encoder walk gives each file, the decoder's picture at every point for every method, and
+    the decoder's ideal bits per chunk."""
+    methods = ["denoise", "ancestral", "flow_based"]
+    encoded = compress_progressive(module, images, [0, 0], methods, tile=16)
+    assert [e.data for e in encoded] == files
+    for e in encoded:
+        for method in methods:
+            decoded = decompress(module, e.data, method=method, all_points=True)
+            assert len(e.points[method]) == len(decoded.points) == module.hparams.n_timesteps + 2
+            assert all(torch.equal(a, b) for a, b in zip(e.points[method], decoded.points))
+        assert e.ideal_bits == pytest.approx(decoded.ideal_bits, rel=1e-9)  # last bits of z: another batch
 
 
 def test_normal_prior_round_trip():
