@@ -1,6 +1,6 @@
 """Fuzz the `.uqdm` decoder at scale: `python scripts/fuzz_decoder.py --cases 10000 [--seed S]`.
 
-Runs the mutation strategies of `tests/fuzzing.py` (the ones `tests/test_fuzz_decoder.py` samples)
+Runs the mutation strategies of `uqdm/codec/fuzz.py` (the ones `tests/test_fuzz_decoder.py` samples)
 on a small real file, decodes every mutated file with the Python API (and every `--cli-every`-th
 with `uqdm decompress`, `uqdm info` and `uqdm truncate`, in-process), and prints the count of each
 outcome, per strategy and in all. The decodes run in a worker process that is killed and replaced
@@ -16,14 +16,10 @@ import multiprocessing
 import random
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import torch
 
-import torch  # noqa: E402
-
-import fuzzing  # noqa: E402
+from uqdm.codec import fuzz
 
 
 def parse_args(argv=None):
@@ -32,8 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the case sequence (default 0)")
     p.add_argument("--cli-every", type=int, default=20, metavar="K",
                    help="also run `uqdm decompress` (and info, truncate) on every K-th case (0: never; default 20)")
-    p.add_argument("--time-limit", type=float, default=fuzzing.TIME_LIMIT, help="seconds before a decode is a hang")
-    p.add_argument("--strategy", choices=sorted(fuzzing.MUTATIONS), action="append",
+    p.add_argument("--time-limit", type=float, default=fuzz.TIME_LIMIT, help="seconds before a decode is a hang")
+    p.add_argument("--strategy", choices=sorted(fuzz.MUTATIONS), action="append",
                    help="only these strategies (repeatable; default all)")
     p.add_argument("--case-seed", type=int, help="rerun the single case (--strategy NAME) with this seed")
     p.add_argument("--examples", type=int, default=3, help="bug examples to print per (strategy, outcome)")
@@ -72,7 +68,7 @@ class Worker:
         if self._ready(self.current) != self.sample_data:
             raise RuntimeError("the worker built a different sample file")
 
-    def run(self, kind: str, data: bytes, check: bool) -> list[fuzzing.Result]:
+    def run(self, kind: str, data: bytes, check: bool) -> list[fuzz.Result]:
         n = 1 if kind == "api" else 3
         process, conn = self.current
         start = time.perf_counter()
@@ -86,7 +82,7 @@ class Worker:
             process.join(5)
             outcome, detail = "crash", f"the worker died (exit code {process.exitcode})"
         self._replace()
-        return [fuzzing.Result(outcome, detail, time.perf_counter() - start)]
+        return [fuzz.Result(outcome, detail, time.perf_counter() - start)]
 
     def close(self) -> None:
         for process, conn in (self.current, self.spare):
@@ -97,10 +93,10 @@ class Worker:
 
 def _serve(conn, time_limit: float) -> None:
     torch.set_num_threads(1)  # the decodes are tiny: one thread is fastest and leaves the machine alone
-    module = fuzzing.tiny_module()
-    sample = fuzzing.make_sample(module)
-    with fuzzing.workdir() as work:
-        ckpt = fuzzing.save_module(module, work / "tiny.ckpt")
+    module = fuzz.tiny_module()
+    sample = fuzz.make_sample(module)
+    with fuzz.workdir() as work:
+        ckpt = fuzz.save_module(module, work / "tiny.ckpt")
         conn.send(("ready", sample.data))
         while True:
             try:
@@ -108,18 +104,18 @@ def _serve(conn, time_limit: float) -> None:
             except EOFError:
                 return
             if kind == "api":
-                conn.send([fuzzing.classify(module, sample, data, check, time_limit)])
+                conn.send([fuzz.classify(module, sample, data, check, time_limit)])
             else:
-                conn.send([fuzzing.classify_cli(ckpt, sample, data, work, check, time_limit),
-                           *fuzzing.classify_cli_tools(data, work, time_limit)])
+                conn.send([fuzz.classify_cli(ckpt, sample, data, work, check, time_limit),
+                           *fuzz.classify_cli_tools(data, work, time_limit)])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    strategies = args.strategy or sorted(fuzzing.MUTATIONS)
-    module = fuzzing.tiny_module()
-    sample = fuzzing.make_sample(module)
+    strategies = args.strategy or sorted(fuzz.MUTATIONS)
+    module = fuzz.tiny_module()
+    sample = fuzz.make_sample(module)
     print(f"sample file: {len(sample.data)} bytes, header {sample.ends[0]} bytes, chunk ends {list(sample.ends[1:])}, "
           f"{sample.image.shape[2]}×{sample.image.shape[1]} image in {sample.header.tile}-pixel tiles, "
           f"T = {sample.header.n_timesteps}", flush=True)
@@ -127,8 +123,8 @@ def main(argv=None) -> int:
     if args.case_seed is not None:
         if len(strategies) != 1:
             sys.exit("--case-seed needs exactly one --strategy")
-        data = fuzzing.mutate(strategies[0], args.case_seed, sample)
-        result = fuzzing.classify(module, sample, data, strategies[0] not in fuzzing.NO_PICTURE_ORACLE, args.time_limit)
+        data = fuzz.mutate(strategies[0], args.case_seed, sample)
+        result = fuzz.classify(module, sample, data, strategies[0] not in fuzz.NO_PICTURE_ORACLE, args.time_limit)
         print(f"{strategies[0]} seed {args.case_seed}: {result.outcome} in {result.seconds:.3f} s: {result.detail}")
         print(f"input ({len(data)} bytes): {data.hex()}")
         return int(result.bug)
@@ -145,8 +141,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for i in range(args.cases):
             strategy, case_seed = rng.choice(strategies), rng.getrandbits(32)
-            data = fuzzing.mutate(strategy, case_seed, sample)
-            check = strategy not in fuzzing.NO_PICTURE_ORACLE
+            data = fuzz.mutate(strategy, case_seed, sample)
+            check = strategy not in fuzz.NO_PICTURE_ORACLE
             results = [("api", r) for r in worker.run("api", data, check)]
             if args.cli_every and i % args.cli_every == 0:
                 cli = worker.run("cli", data, check)
@@ -169,7 +165,7 @@ def main(argv=None) -> int:
     total = collections.Counter()
     for c in counts.values():
         total.update(c)
-    outcomes = [*fuzzing.OK, *sorted(set(total) - set(fuzzing.OK))]
+    outcomes = [*fuzz.OK, *sorted(set(total) - set(fuzz.OK))]
     width = max(map(len, strategies)) + 2
     print(f"\n{args.cases} cases (seed {args.seed}) in {wall:.0f} s; Python API outcomes:")
     print("strategy".ljust(width) + "".join(o.rjust(max(10, len(o) + 2)) for o in outcomes))
@@ -181,8 +177,8 @@ def main(argv=None) -> int:
         print("command line (every %d-th case): " % args.cli_every
               + ", ".join(f"{kind} {outcome} {n}" for (kind, outcome), n in sorted(cli_counts.items())))
     print(f"slowest decode: {slowest[0]:.2f} s ({slowest[1]})")
-    n_bugs = sum(n for o, n in total.items() if o not in fuzzing.OK) + sum(
-        n for (kind, o), n in cli_counts.items() if o not in fuzzing.OK)
+    n_bugs = sum(n for o, n in total.items() if o not in fuzz.OK) + sum(
+        n for (kind, o), n in cli_counts.items() if o not in fuzz.OK)
     if examples:
         print(f"\n{n_bugs} bug cases; examples (rerun with --strategy NAME --case-seed N):")
         for (strategy, outcome), lines in sorted(examples.items()):

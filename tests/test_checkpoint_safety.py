@@ -18,8 +18,6 @@ from uqdm.cli import main
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
 
-TINY = dict(n_timesteps=2, embedding_dim=8, norm_groups=4)
-
 
 class _Payload:
     """Unpickling this calls ``Path.touch(marker)``: any global call would do."""
@@ -31,24 +29,30 @@ class _Payload:
         return Path.touch, (self.marker,)
 
 
-def malicious_checkpoint(path: Path, marker: Path) -> Path:
-    """A file that looks like a Lightning checkpoint of a uqdm model but whose pickle calls a global."""
-    module = UQDMModule(**TINY)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "global_step": 0, "epoch": 0, "pytorch-lightning_version": L.__version__,
-                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
-                "payload": _Payload(marker)}, path)
-    return path
+@pytest.fixture
+def malicious_checkpoint(tiny_hparams):
+    """`malicious_checkpoint(path, marker)`: a file that looks like a Lightning checkpoint of a uqdm
+    model but whose pickle calls a global."""
+
+    def write(path: Path, marker: Path) -> Path:
+        module = UQDMModule(**tiny_hparams)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "global_step": 0, "epoch": 0, "pytorch-lightning_version": L.__version__,
+                    "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
+                    "payload": _Payload(marker)}, path)
+        return path
+
+    return write
 
 
-def test_the_crafted_checkpoint_would_run_code_if_unpickled_fully(tmp_path):
+def test_the_crafted_checkpoint_would_run_code_if_unpickled_fully(tmp_path, malicious_checkpoint):
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     torch.load(path, weights_only=False)  # what must never happen in uqdm
     assert marker.exists()
 
 
-def test_checkpoint_io_refuses_it(tmp_path):
+def test_checkpoint_io_refuses_it(tmp_path, malicious_checkpoint):
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     for weights_only in (None, False, True):  # whatever the caller asks
@@ -57,7 +61,7 @@ def test_checkpoint_io_refuses_it(tmp_path):
     assert not marker.exists()
 
 
-def test_trainer_resume_refuses_it(tmp_path):
+def test_trainer_resume_refuses_it(tmp_path, malicious_checkpoint, tiny_hparams):
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
@@ -66,7 +70,7 @@ def test_trainer_resume_refuses_it(tmp_path):
 
     data = SampleImages(crop_size=8, batch_size=2, train_samples=2, val_samples=2)
     with pytest.raises(UQDMError, match="forbidden global"):
-        trainer.fit(UQDMModule(**TINY), datamodule=data, ckpt_path=path, weights_only=False)
+        trainer.fit(UQDMModule(**tiny_hparams), datamodule=data, ckpt_path=path, weights_only=False)
     assert not marker.exists()
 
 
@@ -95,7 +99,7 @@ def _cli(args, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
-def test_cli_refuses_it_in_one_line(tmp_path, capsys, monkeypatch, command):
+def test_cli_refuses_it_in_one_line(tmp_path, capsys, monkeypatch, command, malicious_checkpoint):
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     config = tmp_path / "config.yaml"
@@ -106,7 +110,7 @@ def test_cli_refuses_it_in_one_line(tmp_path, capsys, monkeypatch, command):
     assert not marker.exists()
 
 
-def test_cli_refuses_a_malicious_last_checkpoint_on_resume(tmp_path, capsys, monkeypatch):
+def test_cli_refuses_a_malicious_last_checkpoint_on_resume(tmp_path, capsys, monkeypatch, malicious_checkpoint):
     marker = tmp_path / "pwned"
     (tmp_path / "ckpts").mkdir()
     malicious_checkpoint(tmp_path / "ckpts" / "last.ckpt", marker)
@@ -118,7 +122,7 @@ def test_cli_refuses_a_malicious_last_checkpoint_on_resume(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("command", ["compress", "decompress", "evaluate", "import-official"])
-def test_tools_refuse_it_in_one_line(tmp_path, capsys, monkeypatch, command):
+def test_tools_refuse_it_in_one_line(tmp_path, capsys, monkeypatch, command, malicious_checkpoint):
     """``--ckpt`` of the codec and evaluation commands, and the released folder of import-official."""
     from PIL import Image
 
@@ -209,14 +213,14 @@ def test_atomic_write_replaces_in_one_step_with_the_usual_mode(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
-def test_trainer_checkpoints_go_through_the_plugin(tmp_path):
+def test_trainer_checkpoints_go_through_the_plugin(tmp_path, tiny_hparams):
     """A crash inside Trainer.save_checkpoint leaves the previous file intact."""
     from uqdm.data import SampleImages
 
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
                         default_root_dir=tmp_path)
-    trainer.fit(UQDMModule(**TINY), datamodule=SampleImages(crop_size=8, batch_size=2, train_samples=2))
+    trainer.fit(UQDMModule(**tiny_hparams), datamodule=SampleImages(crop_size=8, batch_size=2, train_samples=2))
     path = tmp_path / "saved.ckpt"
     trainer.save_checkpoint(path)
     before = path.read_bytes()

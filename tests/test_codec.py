@@ -32,7 +32,7 @@ from uqdm.codec import coder, exact, randomness, tables
 from uqdm.codec.container import pack, varint
 from uqdm.codec.tiling import from_tiles, to_tiles
 from uqdm.errors import UQDMError
-from uqdm.images import box_resize_center_crop, load_image, save_png
+from uqdm.images import load_image, save_png
 from uqdm.module import UQDMModule
 
 # Reference figures of the released tiny model on Kodak 64×64 (shared README, seed 0, denoise).
@@ -49,29 +49,12 @@ def _with_threads(n: int, fn):
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: the codec's many small tensor operations are latency-bound, and on a
-    busy machine two threads wait on each other. Tests of thread independence set their own."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_module(seed: int = 0, **kwargs) -> UQDMModule:
-    """A small random model whose tables are far from trivial (weights perturbed from the zero init)."""
-    torch.manual_seed(seed)
-    module = UQDMModule(embedding_dim=8, n_blocks=1, norm_groups=4, n_timesteps=3, **kwargs)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return module.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def module():
-    return tiny_module()
+def module(tiny_module):
+    return tiny_module(n_timesteps=3)
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -150,15 +133,15 @@ def test_the_encoder_shows_what_the_decoder_shows(module, images, files):
         assert e.ideal_bits == pytest.approx(decoded.ideal_bits, rel=1e-9)  # last bits of z: another batch
 
 
-def test_normal_prior_round_trip():
-    module = tiny_module(3, prior_type="normal")
+def test_normal_prior_round_trip(tiny_module):
+    module = tiny_module(3, n_timesteps=3, prior_type="normal")
     image = smooth_image(16, 24, 3)
     data = compress(module, [image], tile=8)[0]
     assert torch.equal(decompress(module, data).image, image)
 
 
-def test_gaussian_diffusion_cannot_compress():
-    module = UQDMModule(embedding_dim=8, n_blocks=1, norm_groups=4, n_timesteps=2, diffusion="gaussian")
+def test_gaussian_diffusion_cannot_compress(tiny_hparams):
+    module = UQDMModule(**tiny_hparams, diffusion="gaussian")
     with pytest.raises(UQDMError, match="uniform"):
         compress(module, [smooth_image(8, 8)], tile=8)
 
@@ -178,9 +161,9 @@ def test_a_damaged_header_fails_the_crc(module, files):
         decompress(module, bytes(data))
 
 
-def test_another_model_is_refused(files):
+def test_another_model_is_refused(files, tiny_module):
     with pytest.raises(UQDMError, match="different model"):
-        decompress(tiny_module(seed=1), files[0])
+        decompress(tiny_module(seed=1, n_timesteps=3), files[0])
 
 
 def _with_crc(head: bytes) -> bytes:
@@ -319,13 +302,6 @@ def test_tiling_round_trip():
 
 
 # --- commands ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(module, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    save_checkpoint(lightning_checkpoint(module), path)
-    return path
-
-
 def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     src = tmp_path / "a.png"
     save_png(images[0], src)
@@ -358,7 +334,7 @@ def _exit_2(argv, capsys) -> str:
     return lines[0]
 
 
-def test_cli_errors_are_one_line(ckpt, files, tmp_path, capsys):
+def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, capsys):
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     out_png = str(tmp_path / "x.png")
@@ -368,7 +344,7 @@ def test_cli_errors_are_one_line(ckpt, files, tmp_path, capsys):
     (tmp_path / "bad.uqdm").write_bytes(bytes(corrupt))
     assert "CRC32" in _exit_2(["decompress", "--ckpt", str(ckpt), str(tmp_path / "bad.uqdm"), "-o", out_png], capsys)
     other = tmp_path / "other.ckpt"
-    save_checkpoint(lightning_checkpoint(tiny_module(seed=2)), other)
+    save_checkpoint(lightning_checkpoint(tiny_module(seed=2, n_timesteps=3)), other)
     (tmp_path / "good.uqdm").write_bytes(files[0])
     message = _exit_2(["decompress", "--ckpt", str(other), str(tmp_path / "good.uqdm"), "-o", out_png], capsys)
     assert "different model" in message
@@ -385,27 +361,8 @@ def test_cli_truncated_file_warns(ckpt, files, tmp_path, capsys):
 
 
 # --- released tiny weights --------------------------------------------------------------------
-def released_dir(shared_data: Path) -> Path:
-    directory = shared_data / "official" / "uqdm-tiny"
-    if not (directory / "checkpoint.pt").is_file():
-        pytest.skip(f"released tiny weights not found in {directory}")
-    return directory
-
-
-@functools.cache
-def released_ckpt(directory: Path, out: Path) -> Path:
-    save_checkpoint(import_official(directory), out / "tiny-ema.ckpt")
-    return out / "tiny-ema.ckpt"
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("released")
-
-
-def test_import_official_ema_and_raw(shared_data, work):
-    directory = released_dir(shared_data)
-    ema_path = released_ckpt(directory, work)
+def test_import_official_ema_and_raw(released_dir, released_ckpt):
+    directory, ema_path = released_dir, released_ckpt
     ema = load_module(ema_path)
     assert ema.model.schedule.w.item() == pytest.approx(17.9658, abs=1e-4)
     lightning_loaded = UQDMModule.load_from_checkpoint(ema_path)
@@ -442,16 +399,13 @@ print(json.dumps(out))
 """
 
 
-def test_kodak64_acceptance(shared_data, work):
+def test_kodak64_acceptance(released_ckpt, kodak64, tmp_path):
     """24 images compressed as one batch on two threads decode exactly one by one in a new 1-thread process, with
     the reference rates and qualities and at most 1% (0.5% in the chunks) above the ideal bits."""
-    directory = released_dir(shared_data)
-    ckpt = released_ckpt(directory, work)
-    paths = sorted((shared_data / "kodak").glob("kodim*.png"))
-    assert len(paths) == 24
-    images = [box_resize_center_crop(load_image(p), 64) for p in paths]
+    ckpt, images = released_ckpt, kodak64
+    assert len(images) == 24
     files = _with_threads(2, lambda: compress(load_module(ckpt), images, seed=0))
-    out = work / "kodak64"
+    out = tmp_path / "kodak64"
     out.mkdir()
     torch.save(images, out / "originals.pt")
     for i, data in enumerate(files):
@@ -475,10 +429,10 @@ def test_kodak64_acceptance(shared_data, work):
         assert abs(ours - ref) <= (1.0 if point == 0 else 0.5), (point, ours, ref)
 
 
-def test_large_image_progressive(shared_data, work):
+def test_large_image_progressive(shared_data, released_ckpt):
     """A 192×128 crop of a full-size Kodak image (6 tiles): exact, a prefix decodes to its point,
     and the PSNR rises with every truncation point."""
-    ckpt = released_ckpt(released_dir(shared_data), work)
+    ckpt = released_ckpt
     image = load_image(shared_data / "kodak" / "kodim01.png")[:, 150:278, 250:442].contiguous()
     module = load_module(ckpt)
     data = compress(module, [image])[0]

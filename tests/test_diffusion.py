@@ -7,20 +7,25 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from uqdm.diffusion import GaussianDiffusion, UQDM, to_centered
-from uqdm.network import ScoreNetwork
 from uqdm.schedules import make_schedule
 
 D = torch.float64
 
 
-def tiny_model(cls=UQDM, prior_type="logistic", base_prior_scale="forward_kernel", clip=True, T=3):
-    torch.manual_seed(0)
-    net = ScoreNetwork(embedding_dim=16, n_blocks=1, norm_groups=4)
-    for p in net.parameters():  # random weights everywhere, so the heads are not the zero-init identity
-        torch.nn.init.normal_(p, std=0.05)
-    sched = make_schedule("learned_linear", -8.0, 5.0)
-    return cls(net, sched, n_timesteps=T, prior_type=prior_type, base_prior_scale=base_prior_scale,
-               clip_prior_mean=clip).double()
+@pytest.fixture
+def tiny_model(tiny_module):
+    """`tiny_model(cls, prior_type, base_prior_scale, clip, T)`: the tiny module's diffusion model
+    (embedding 16, γ from −8 to 5, random weights everywhere so the heads are not the zero-init
+    identity) in float64."""
+
+    def build(cls=UQDM, prior_type="logistic", base_prior_scale="forward_kernel", clip=True, T=3):
+        module = tiny_module(n_timesteps=T, diffusion="gaussian" if cls is GaussianDiffusion else "uniform",
+                             prior_type=prior_type, base_prior_scale=base_prior_scale, clip_prior_mean=clip,
+                             embedding_dim=16, gamma_min=-8.0, gamma_max=5.0)
+        assert type(module.model) is cls
+        return module.model.double()
+
+    return build
 
 
 def naive_prior_log_mass(z, mean, std, delta, prior_type):
@@ -71,7 +76,7 @@ def replay_nelbo(model, x_raw, prior_type, gaussian=False):
 
 
 @pytest.mark.parametrize("cls,prior_type", [(UQDM, "logistic"), (UQDM, "normal"), (GaussianDiffusion, "normal")])
-def test_nelbo_terms_match_an_independent_computation(cls, prior_type):
+def test_nelbo_terms_match_an_independent_computation(cls, prior_type, tiny_model):
     model = tiny_model(cls, prior_type)
     x_raw = torch.randint(0, 256, (2, 3, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     torch.manual_seed(7)
@@ -84,7 +89,7 @@ def test_nelbo_terms_match_an_independent_computation(cls, prior_type):
     assert (diff > 0).all()
 
 
-def test_unclipped_prior_mean_is_the_eps_form_of_method_md():
+def test_unclipped_prior_mean_is_the_eps_form(tiny_model):
     model = tiny_model(clip=False)
     z = torch.randn(1, 3, 8, 8, dtype=D)
     st = model.step(1)
@@ -93,7 +98,7 @@ def test_unclipped_prior_mean_is_the_eps_form_of_method_md():
     assert torch.allclose(prior.mean, st.alpha_s / st.alpha_t * (z - st.sigma_t * st.e * eps))
 
 
-def test_default_base_prior_scale_uses_sigma_s():
+def test_default_base_prior_scale_uses_sigma_s(tiny_model):
     fk, df = tiny_model(base_prior_scale="forward_kernel"), tiny_model(base_prior_scale="default")
     z = torch.randn(1, 3, 8, 8, dtype=D)
     st = fk.step(0)
@@ -101,7 +106,7 @@ def test_default_base_prior_scale_uses_sigma_s():
     assert torch.allclose(ratio, (st.sigma_s / st.sigma_t).expand_as(ratio))
 
 
-def test_recon_term_is_small_and_decoder_is_normalised():
+def test_recon_term_is_small_and_decoder_is_normalised(tiny_model):
     model = tiny_model()
     model.schedule = make_schedule("fixed_linear", -12.3, 6.0).double()
     z0 = torch.randn(2, 3, 4, 4, dtype=D) * 0.5
@@ -115,7 +120,7 @@ def test_recon_term_is_small_and_decoder_is_normalised():
 
 
 @pytest.mark.parametrize("method", ["denoise", "ancestral", "flow_based"])
-def test_reconstructions_are_images_at_every_point(method):
+def test_reconstructions_are_images_at_every_point(method, tiny_model):
     model = tiny_model()
     z = torch.randn(2, 3, 8, 8, dtype=D)
     for i in range(model.n_timesteps + 1):
@@ -123,12 +128,12 @@ def test_reconstructions_are_images_at_every_point(method):
         assert x.dtype == torch.uint8 and x.shape == z.shape
 
 
-def test_unknown_reconstruction_is_refused():
+def test_unknown_reconstruction_is_refused(tiny_model):
     with pytest.raises(ValueError):
         tiny_model().reconstruct(torch.zeros(1, 3, 4, 4, dtype=D), 0, "magic")
 
 
-def test_gaussian_kl_rate_matches_monte_carlo():
+def test_gaussian_kl_rate_matches_monte_carlo(tiny_model):
     model = tiny_model(GaussianDiffusion, "normal")
     st = model.step(2)
     mu_q = torch.randn(50_000, dtype=D) * 0.1

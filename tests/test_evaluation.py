@@ -3,6 +3,7 @@ the training callback in a real Trainer (with FID on random Inception weights), 
 end to end, and the Kodak 64×64 figures of the released tiny weights."""
 
 import csv
+import functools
 import json
 import math
 import urllib.error
@@ -27,21 +28,17 @@ from uqdm.evaluation.classical import CODECS, sweep
 from uqdm.evaluation.fid import FeatureMoments, frechet_distances
 from uqdm.evaluation.metrics import ProgressiveScores
 from uqdm.evaluation.pipeline import run_chain
-from uqdm.images import box_resize_center_crop, load_images
 from uqdm.evaluation.report import compressai_files
+from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
 
 from compressai_format import PUBLISHED_JPEG, compressai_plot_reads, write_published
 
 
-def tiny_module(n_timesteps: int = 2, seed: int = 0) -> UQDMModule:
-    """A small UQDM with random weights everywhere (so the zero-initialised heads do something)."""
-    torch.manual_seed(seed)
-    module = UQDMModule(n_timesteps=n_timesteps, embedding_dim=8, norm_groups=4, gamma_min=-8.0, gamma_max=5.0)
-    with torch.no_grad():
-        for p in module.model.network.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return module.eval()
+@pytest.fixture(scope="module")
+def tiny_module(tiny_module):
+    """The tiny module on a narrower schedule (γ from −8 to 5): no point before the last is exact."""
+    return functools.partial(tiny_module, gamma_min=-8.0, gamma_max=5.0)
 
 
 def photo(size: int) -> torch.Tensor:
@@ -89,7 +86,7 @@ def test_classical_codec_rates_come_from_real_bytes_and_rise_with_quality(name):
 
 
 # --- the progressive chain ---------------------------------------------------------------------
-def test_progressive_chain_points_bits_and_exact_last_point():
+def test_progressive_chain_points_bits_and_exact_last_point(tiny_module):
     model = tiny_module(n_timesteps=3).model.double()
     x = random_images(3, 8)
     noise = SharedNoise.draw(x.shape, 3, torch.Generator().manual_seed(1))
@@ -108,7 +105,7 @@ def test_progressive_chain_points_bits_and_exact_last_point():
     assert torch.equal(alone.bits, result.bits)
 
 
-def test_chain_matches_the_codec_bits_and_pictures():
+def test_chain_matches_the_codec_bits_and_pictures(tiny_module):
     """With the codec's draws, the chain's ideal bits are the codec's per-chunk ideal bits and its
     denoise pictures are what decoding the file shows (float64 on both sides)."""
     module = tiny_module(n_timesteps=2)
@@ -160,7 +157,7 @@ def trainer(tmp_path, callback, loggers, **kwargs) -> L.Trainer:
                      num_sanity_val_steps=0, **kwargs)
 
 
-def test_callback_logs_every_point_in_a_real_fit(tmp_path):
+def test_callback_logs_every_point_in_a_real_fit(tmp_path, tiny_module):
     module = tiny_module(n_timesteps=2).train()
     csv, recording = CSVLogger(tmp_path), RecordingLogger()
     callback = ProgressiveMetrics(every_n_epochs=2, methods=["denoise", "flow_based"], num_images_grid=2)
@@ -210,7 +207,7 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
-def test_callback_fid_runs_through_torchmetrics_with_the_weights_option(tmp_path, random_inception_weights):
+def test_callback_fid_runs_through_torchmetrics_with_the_weights_option(tmp_path, random_inception_weights, tiny_module):
     module = tiny_module(n_timesteps=1)
     recording = RecordingLogger()
     callback = ProgressiveMetrics(fid=True, fid_weights=str(random_inception_weights), num_images_grid=0)
@@ -234,7 +231,7 @@ def test_frechet_distance_matches_the_closed_form_of_a_scaled_copy():
         pytest.approx(expected, rel=1e-6), pytest.approx(0.0, abs=1e-6), None]  # one image: no FID
 
 
-def test_offline_without_weights_fid_is_off_with_one_warning(tmp_path, monkeypatch):
+def test_offline_without_weights_fid_is_off_with_one_warning(tmp_path, monkeypatch, tiny_module):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
@@ -249,22 +246,14 @@ def test_offline_without_weights_fid_is_off_with_one_warning(tmp_path, monkeypat
 
 
 # --- `uqdm evaluate` -----------------------------------------------------------------------------
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    module = tiny_module(n_timesteps=2)
-    path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
-
-
-def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
+def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     photos = {"a.png": photo(16), "b.png": box_resize_center_crop(photo(40), 24)[:, :20]}  # 16×16 and 20×24
     for name, image in photos.items():
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
     out = tmp_path / "out"
-    main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(folder), "--methods", "denoise,ancestral",
+    main(["evaluate", "--ckpt", str(ckpt), "--images", str(folder), "--methods", "denoise,ancestral",
           "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv")])
     printed = capsys.readouterr().out
     assert "step_2" in printed and "BD-rate of UQDM" in printed and "rows.csv" in printed
@@ -335,31 +324,29 @@ def test_evaluate_end_to_end(tmp_path, tiny_checkpoint, capsys):
     shown = compressai_plot_reads(tmp_path / "ms.json", "ms-ssim")["ys"]
     assert shown == pytest.approx([-10 * math.log10(1 - p["ssim"]["denoise"]) for p in points[:-1]])
 
-    module = UQDMModule(**torch.load(tiny_checkpoint)["hyper_parameters"])
-    module.load_state_dict(torch.load(tiny_checkpoint)["state_dict"])
     for name, image in photos.items():  # the files are real: they decode to the exact images
         data = (out / "files" / name).with_suffix(".uqdm").read_bytes()
         assert torch.equal(codec.decompress(module, data).image, image)
 
 
-def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, tiny_checkpoint, capsys):
+def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, capsys):
     array = random_images(2, 24).permute(0, 2, 3, 1).numpy()[:, :, :20]  # N×H×W×3, 24×20
     np.save(tmp_path / "images.npy", array)
     out = tmp_path / "out"
-    main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(tmp_path / "images.npy"), "--size", "8",
+    main(["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--size", "8",
           "--methods", "flow_based", "--codecs", "none", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["size"] == 8 and results["codecs"] == {} and results["bd_rate"] == {}
     assert len(list((out / "files").iterdir())) == 2
 
     for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"]):
-        args = ["evaluate", "--ckpt", str(tiny_checkpoint), "--images", str(tmp_path / "images.npy"), "--out", str(out)]
+        args = ["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--out", str(out)]
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2
     assert capsys.readouterr().err.count("uqdm: error: ") == 2
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "--ckpt", str(tiny_checkpoint), "--images", "x", "--methods", "blur", "--out", str(out)])
+        main(["evaluate", "--ckpt", str(ckpt), "--images", "x", "--methods", "blur", "--out", str(out)])
     assert exit_.value.code == 2
 
 
@@ -383,7 +370,7 @@ SEEDS = (0, 24, 48, 72)  # `--seed N` codes image n with seed N + n: these share
 STEP_1_SEED_STD = 0.015  # bpp: std over seeds of step 1's mean over the 24 images (measured, 24 seeds)
 
 
-def test_released_tiny_weights_reproduce_the_kodak64_reference(shared_data):
+def test_released_tiny_weights_reproduce_the_kodak64_reference(released_dir, kodak64):
     """Denoise figures of `uqdm evaluate --size 64` (the same chain and draws, without the files)
     against the paper code's, as means over our SEEDS and over the reference's three seeds.
 
@@ -393,11 +380,11 @@ def test_released_tiny_weights_reproduce_the_kodak64_reference(shared_data):
     (bpp 3%, lossless 0.5%, PSNR 0.5 dB, 1 dB at z_1) except step 1's rate, which must be within 3
     standard errors of the difference of the two means (≈ 0.034 bpp, 7%).
     """
-    reference = json.loads((shared_data / "official" / "uqdm-tiny" / "reference-kodak64.json").read_text())["runs"]
-    official = import_official(shared_data / "official" / "uqdm-tiny")
+    reference = json.loads((released_dir / "reference-kodak64.json").read_text())["runs"]
+    official = import_official(released_dir)
     module = UQDMModule(**official["hyper_parameters"])
     module.load_state_dict(official["state_dict"])
-    images = [box_resize_center_crop(image, 64) for _, image in load_images(shared_data / "kodak")]
+    images = kodak64
     bpp, psnr = [], []
     for seed in SEEDS:
         scores = ProgressiveScores(6, ["denoise"])

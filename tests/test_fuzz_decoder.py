@@ -1,11 +1,11 @@
 """The decoder against damaged and hostile `.uqdm` files.
 
 A small real file (tiny random model, a 4×7 image in two 4-pixel tiles, T = 2) is mutated by the
-strategies of `tests/fuzzing.py` (the same ones `scripts/fuzz_decoder.py` runs at scale). For each
+strategies of `tests/fuzz.py` (the same ones `scripts/fuzz_decoder.py` runs at scale). For each
 mutated file the Python API and `uqdm decompress` must decode (a prefix on a chunk boundary: its
 picture; inside a chunk: the complete chunks' picture, with a warning) or refuse with one clear
 line (exit 2) — never a traceback, a hang, an unbounded allocation or a silently wrong picture.
-Each decode runs under a watchdog and a cap on the address space (`fuzzing.classify`).
+Each decode runs under a watchdog and a cap on the address space (`fuzz.classify`).
 """
 
 import random
@@ -16,10 +16,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import fuzzing
-from fuzzing import module, one_thread  # noqa: F401  (shared fixtures)
-from fuzzing import MUTATIONS, NO_PICTURE_ORACLE, OK, classify, classify_cli, classify_cli_tools, mutate
-from uqdm.codec import decompress
+from uqdm.codec import decompress, fuzz
+from uqdm.codec.fuzz import MUTATIONS, NO_PICTURE_ORACLE, OK, classify, classify_cli, classify_cli_tools, mutate
 from uqdm.codec.container import MAGIC, VERSION, Header, pack, varint
 from uqdm.errors import UQDMError
 
@@ -28,18 +26,15 @@ TIME_LIMIT = 3.0  # a decode of the sample file takes ~40 ms; anything near this
 EXAMPLES = {"zero_length": 1, "header_only": 1, "boundary_prefix": 8, "other_version": 8}
 DEFAULT_EXAMPLES = 40
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def sample(module):
-    s = fuzzing.make_sample(module)
+    s = fuzz.make_sample(module)
     # the oracle can tell the truncation points apart (the last two coincide: argmax p(x | z_0) = x here)
     assert all(not torch.equal(s.refs[i], s.refs[j]) for i in range(len(s.refs) - 1) for j in range(i))
     return s
-
-
-@pytest.fixture(scope="module")
-def ckpt(module, tmp_path_factory):
-    return fuzzing.save_module(module, tmp_path_factory.mktemp("fuzz") / "tiny.ckpt")
 
 
 def _check(module, sample, data, strategy="", **kwargs):
@@ -122,17 +117,17 @@ def test_random_garbage(module, sample):
         assert _check(module, sample, bytes(rng.getrandbits(8) for _ in range(n))).outcome == "rejected"
 
 
-def test_a_file_of_another_model_is_refused(sample):
+def test_a_file_of_another_model_is_refused(sample, tiny_module):
     for data in (sample.data, sample.head):
         with pytest.raises(UQDMError, match="different model"):
-            decompress(fuzzing.tiny_module(seed=1), data)
+            decompress(tiny_module(seed=1), data)
 
 
 # --- absurd sizes: refused (or the complete chunks decoded) at once, memory bounded ----------
 def _header(sample, **fields) -> bytes:
     h = sample.header
     values = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "seed": h.seed}
-    return fuzzing.raw_header(h.fingerprint, **(values | fields))
+    return fuzz.raw_header(h.fingerprint, **(values | fields))
 
 
 def _with_chunk_length(sample, length: bytes) -> bytes:
@@ -164,7 +159,7 @@ def test_absurd_sizes_are_refused_at_once_with_bounded_memory(case, module, samp
     build, expected = ABSURD[case]
     data = build(sample)
     start = time.perf_counter()
-    with fuzzing.memory_cap(256 << 20):
+    with fuzz.memory_cap(256 << 20):
         result = classify(module, sample, data, time_limit=TIME_LIMIT)
     assert result.outcome == expected, f"{case}: {result.outcome}: {result.detail}"
     assert time.perf_counter() - start < 1.0, case

@@ -20,20 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-import fuzzing
-from fuzzing import module, one_thread  # noqa: F401  (shared fixtures)
-from fuzzing import run_cli, one_line_error
 from uqdm.codec import compress, decompress
+from uqdm.codec.fuzz import one_line_error, run_cli
 from uqdm.errors import UQDMError
 from uqdm.images import load_image
 
 TILE = 4
 H, W = 5, 6  # two rows and two columns of 4-pixel tiles, the last ones padded
 
-
-@pytest.fixture(scope="module")
-def ckpt(module, tmp_path_factory):
-    return fuzzing.save_module(module, tmp_path_factory.mktemp("images") / "tiny.ckpt")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rng(seed=0):
@@ -247,16 +242,14 @@ LARGE_IMAGE = r"""
 import json, resource, sys
 import numpy as np, torch
 from PIL import Image
-sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
-import fuzzing
 from uqdm.cli import main
-from uqdm.images import load_image
-work, tile = sys.argv[2], sys.argv[3]
-ckpt = fuzzing.save_module(fuzzing.tiny_module(), f"{work}/tiny.ckpt")
+from uqdm.codec.fuzz import save_module, tiny_module
+work, tile = sys.argv[1], sys.argv[2]
+ckpt = save_module(tiny_module(), f"{work}/tiny.ckpt")
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = {}
-for side in map(int, sys.argv[4:]):
+for side in map(int, sys.argv[3:]):
     y, x = np.mgrid[0:side, 0:side]
     pixels = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side)], axis=2).astype(np.uint8)
     Image.fromarray(pixels, "RGB").save(f"{work}/{side}.png")
@@ -276,7 +269,7 @@ def test_a_large_image_costs_memory_per_pixel_not_network_activations_of_all_til
     the peak RSS of `uqdm compress` and `uqdm decompress` grows by well under the 32 KiB per
     added pixel that the attention maps of all tiles at once would take: the network runs in tile
     sub-batches, and what else the codec keeps per pixel (its float64 latents) is small."""
-    run = subprocess.run([sys.executable, "-c", LARGE_IMAGE, str(Path(__file__).parent), str(tmp_path), str(LARGE_TILE),
+    run = subprocess.run([sys.executable, "-c", LARGE_IMAGE, str(tmp_path), str(LARGE_TILE),
                           "128", "256"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

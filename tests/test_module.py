@@ -10,26 +10,23 @@ from uqdm.checkpoints import load_module
 from uqdm.module import UQDMModule
 from uqdm.rng import seeded
 
-TINY = dict(embedding_dim=8, norm_groups=4, n_timesteps=2)
-
-
 def images(n=8, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     smooth = torch.rand(n, 3, 2, 2, generator=g).repeat_interleave(size // 2, 2).repeat_interleave(size // 2, 3)
     return (smooth * 255).to(torch.uint8)
 
 
-def test_bpd_terms_add_up_and_gamma_min_is_logged_value():
-    module = UQDMModule(**TINY)
+def test_bpd_terms_add_up_and_gamma_min_is_logged_value(tiny_hparams):
+    module = UQDMModule(**tiny_hparams)
     terms = module.bits_per_dim(images())
     assert set(terms) == {"bpd", "bpd_latent", "bpd_diff", "bpd_recon"}
     assert torch.allclose(terms["bpd"], terms["bpd_latent"] + terms["bpd_diff"] + terms["bpd_recon"])
     assert float(module.model.schedule.gamma_min.detach()) == pytest.approx(-12.3, abs=1e-5)
 
 
-def test_a_few_training_steps_lower_the_loss():
+def test_a_few_training_steps_lower_the_loss(tiny_hparams):
     torch.manual_seed(0)
-    module = UQDMModule(**{**TINY, "n_timesteps": 4}, lr=1e-2, warmup=0)
+    module = UQDMModule(**{**tiny_hparams, "n_timesteps": 4}, lr=1e-2, warmup=0)
     batch = images()
     optimizer = module.configure_optimizers()["optimizer"]
     with seeded(0):
@@ -44,8 +41,8 @@ def test_a_few_training_steps_lower_the_loss():
     assert after < 0.93 * before  # noisy single-sample NELBO; deterministic under the seed
 
 
-def test_learning_rate_ramps_linearly_over_warmup():
-    module = UQDMModule(**TINY, lr=1e-3, warmup=4)
+def test_learning_rate_ramps_linearly_over_warmup(tiny_hparams):
+    module = UQDMModule(**tiny_hparams, lr=1e-3, warmup=4)
     config = module.configure_optimizers()
     optimizer, ramp = config["optimizer"], config["lr_scheduler"]["scheduler"]
     rates = []
@@ -56,18 +53,18 @@ def test_learning_rate_ramps_linearly_over_warmup():
     assert rates == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
-def test_gaussian_variant_is_labelled_theoretical():
+def test_gaussian_variant_is_labelled_theoretical(tiny_hparams):
     with pytest.warns(UserWarning, match="theoretical"):
-        module = UQDMModule(**TINY, diffusion="gaussian")
+        module = UQDMModule(**tiny_hparams, diffusion="gaussian")
     assert module.rate_is_theoretical and module.model.prior_type == "normal"
-    assert not UQDMModule(**TINY).rate_is_theoretical
+    assert not UQDMModule(**tiny_hparams).rate_is_theoretical
     with pytest.raises(ValueError):
-        UQDMModule(**TINY, diffusion="poisson")
+        UQDMModule(**tiny_hparams, diffusion="poisson")
 
 
-def test_ema_follows_the_paper_warmup_and_checkpoints_hold_the_average(tmp_path):
+def test_ema_follows_the_paper_warmup_and_checkpoints_hold_the_average(tmp_path, tiny_hparams):
     torch.manual_seed(0)
-    module = UQDMModule(**TINY, lr=1e-2, warmup=0)
+    module = UQDMModule(**tiny_hparams, lr=1e-2, warmup=0)
     start = {k: v.clone() for k, v in module.state_dict().items()}
     seen = []
 

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from uqdm.checkpoints import load_official, network_kwargs_from_official, safe_load
+from uqdm.diffusion import to_centered
 from uqdm.errors import UQDMError
 from uqdm.network import Attention, ScoreNetwork, fourier_features
 
@@ -20,30 +20,12 @@ PRESETS = {  # embedding_dim, n_blocks, norm_groups
 
 
 @pytest.fixture
-def tiny_dir(shared_data):
-    directory = shared_data / "official" / "uqdm-tiny"
-    if not (directory / "checkpoint.pt").is_file():
-        pytest.skip(f"released UQDM-tiny weights not found in {directory}")
-    return directory
-
-
-@pytest.fixture
-def tiny(tiny_dir):
+def tiny(released_dir):
     """The released tiny network (raw weights), in eval mode, and its checkpoint."""
-    config, checkpoint = load_official(tiny_dir)
+    config, checkpoint = load_official(released_dir)
     net = ScoreNetwork(**network_kwargs_from_official(config))
     net.load_state_dict(checkpoint["model"], strict=True)
     return net.eval(), checkpoint
-
-
-def kodak64(shared_data, n=4):
-    images = []
-    for path in sorted((shared_data / "kodak").glob("kodim*.png"))[:n]:
-        image = Image.open(path).convert("RGB").resize((64, 64), Image.BOX)
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float())
-    if not images:
-        pytest.skip(f"Kodak images not found in {shared_data / 'kodak'}")
-    return (torch.stack(images) + 0.5) / 128 - 1
 
 
 def perturb(net, std=0.05, seed=0):
@@ -78,10 +60,10 @@ def test_released_weights_outputs(tiny):
     torch.testing.assert_close(scale_scalar, scale_batch)
 
 
-def test_released_weights_denoise(tiny, shared_data):
+def test_released_weights_denoise(tiny, kodak64):
     """At γ = −3 the trained network predicts the noise far better than the identity guess ε̂ = z."""
     net, _ = tiny
-    x = kodak64(shared_data)
+    x = to_centered(torch.stack(kodak64[:4]))
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     gamma = torch.tensor(-3.0)
     z = torch.sigmoid(-gamma).sqrt() * x + torch.sigmoid(gamma).sqrt() * eps
@@ -91,12 +73,12 @@ def test_released_weights_denoise(tiny, shared_data):
     assert mse < 0.3 < baseline, (mse, baseline)
 
 
-def test_sdpa_matches_einsum_on_released_weights(tiny, tiny_dir, shared_data):
+def test_sdpa_matches_einsum_on_released_weights(tiny, released_dir, kodak64):
     net, checkpoint = tiny
-    config, _ = load_official(tiny_dir)
+    config, _ = load_official(released_dir)
     oracle = ScoreNetwork(**network_kwargs_from_official(config), attention="einsum").eval()
     oracle.load_state_dict(checkpoint["model"], strict=True)
-    z = kodak64(shared_data, n=2) + 0.1 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    z = to_centered(torch.stack(kodak64[:2])) + 0.1 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     gamma = torch.tensor([-3.0, 1.5])
     with torch.no_grad():
         for a, b in zip(net(z, gamma), oracle(z, gamma)):
@@ -156,8 +138,8 @@ def test_fourier_features_frequency_major():
             torch.testing.assert_close(features[:, 6 + f * 3 + c].double(), angle.cos(), atol=1e-4, rtol=0)
 
 
-def test_network_kwargs_from_official(tiny_dir):
-    config = json.loads((tiny_dir / "config.json").read_text())
+def test_network_kwargs_from_official(released_dir):
+    config = json.loads((released_dir / "config.json").read_text())
     kwargs = network_kwargs_from_official(config)
     assert kwargs["dropout"] == 0.0 and "dropout_prob" not in kwargs
     assert (kwargs["embedding_dim"], kwargs["n_blocks"], kwargs["norm_groups"]) == PRESETS["tiny"]
@@ -199,8 +181,8 @@ def test_safe_load_bad_files(tmp_path):
         load_official(tmp_path)
 
 
-def test_safe_load_released_checkpoint(tiny_dir):
-    checkpoint = safe_load(tiny_dir / "checkpoint.pt")
+def test_safe_load_released_checkpoint(released_dir):
+    checkpoint = safe_load(released_dir / "checkpoint.pt")
     assert set(checkpoint) == {"model", "ema", "optimizer", "step"}
     assert checkpoint["step"] == 500_000
     assert checkpoint["ema"]["shadow_params"][-1].item() == pytest.approx(17.9658, abs=1e-4)

@@ -12,7 +12,7 @@ from uqdm.data import SampleImages
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
 
-TINY = dict(n_timesteps=2, embedding_dim=8, norm_groups=4, lr=1e-3, warmup=0)
+OPTIMISATION = dict(lr=1e-3, warmup=0)
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -48,8 +48,8 @@ class Faulty(UQDMModule):
         return terms
 
 
-def _faulty(bad_batches, kind="loss", **hparams):
-    module = Faulty(**TINY, **hparams)
+def _faulty(tiny_hparams, bad_batches, kind="loss", **hparams):
+    module = Faulty(**tiny_hparams, **OPTIMISATION, **hparams)
     module.bad_batches, module.kind = frozenset(bad_batches), kind
     return module
 
@@ -103,8 +103,8 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
-def test_nonfinite_step_is_skipped(tmp_path, kind):
-    module = _faulty({2}, kind)
+def test_nonfinite_step_is_skipped(tmp_path, kind, tiny_hparams):
+    module = _faulty(tiny_hparams, {2}, kind)
     trainer, snapshots, data = _fit(module, tmp_path, max_steps=4)
     trainer.fit(module, datamodule=data)
 
@@ -125,20 +125,20 @@ def test_nonfinite_step_is_skipped(tmp_path, kind):
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 1.0
 
 
-def test_skip_count_is_kept_in_checkpoints(tmp_path):
-    module = _faulty({1})
+def test_skip_count_is_kept_in_checkpoints(tmp_path, tiny_hparams):
+    module = _faulty(tiny_hparams, {1})
     trainer, _, data = _fit(module, tmp_path, max_steps=2)
     trainer.fit(module, datamodule=data)
     path = tmp_path / "skips.ckpt"
     trainer.save_checkpoint(path)
     assert safe_load(path)["nonfinite_steps"] == {"total": 1, "in_a_row": 0}
-    fresh = UQDMModule(**TINY)
+    fresh = UQDMModule(**tiny_hparams, **OPTIMISATION)
     fresh.on_load_checkpoint(safe_load(path))
     assert fresh.nonfinite_steps == 1
 
 
-def test_too_many_in_a_row_stops_with_a_checkpoint(tmp_path):
-    module = _faulty(range(2, 100), max_nonfinite_in_a_row=3)
+def test_too_many_in_a_row_stops_with_a_checkpoint(tmp_path, tiny_hparams):
+    module = _faulty(tiny_hparams, range(2, 100), max_nonfinite_in_a_row=3)
     trainer, snapshots, data = _fit(module, tmp_path, max_steps=50, checkpoint_dir=tmp_path / "ckpts")
     with pytest.raises(UQDMError) as raised:
         trainer.fit(module, datamodule=data)
@@ -156,6 +156,6 @@ def test_too_many_in_a_row_stops_with_a_checkpoint(tmp_path):
     assert load_module(path).hparams.max_nonfinite_in_a_row == 3
 
 
-def test_max_nonfinite_in_a_row_must_be_positive():
+def test_max_nonfinite_in_a_row_must_be_positive(tiny_hparams):
     with pytest.raises(ValueError):
-        UQDMModule(max_nonfinite_in_a_row=0, **TINY)
+        UQDMModule(max_nonfinite_in_a_row=0, **tiny_hparams, **OPTIMISATION)

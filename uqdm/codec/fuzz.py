@@ -1,7 +1,8 @@
-"""Mutations of a real `.uqdm` file, and the oracle that judges what the decoder makes of each.
+"""Fuzzing the decoder: mutations of a real `.uqdm` file, and the oracle that judges what the
+decoder makes of each.
 
 Shared by `tests/test_fuzz_decoder.py` (hypothesis, a bounded sample) and `scripts/fuzz_decoder.py`
-(the same mutations at scale). Every mutation is a function `(rng, sample) -> bytes` of a
+(the same mutations at scale), which build the same sample file from `tiny_module()`. Every mutation is a function `(rng, sample) -> bytes` of a
 `random.Random` and the `Sample` (a small real file, its chunk boundaries and the picture at every
 truncation point), so a case is reproducible from its strategy name and seed.
 
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -54,10 +54,15 @@ TRUNCATION_WARNING = re.compile(r"the \.uqdm file ends inside chunk \d+; decodin
 
 
 # --- the real file --------------------------------------------------------------------------
-def tiny_module(seed: int = 0, n_timesteps: int = N_TIMESTEPS) -> UQDMModule:
-    """A small random model with non-trivial tables (weights perturbed from the zero init)."""
+TINY = {"embedding_dim": 8, "norm_groups": 4, "n_timesteps": N_TIMESTEPS}  # one residual block a level
+
+
+def tiny_module(seed: int = 0, **hparams) -> UQDMModule:
+    """A small random model (`TINY`, updated by `hparams`) with non-trivial tables: built under
+    `torch.manual_seed(seed)`, every weight then perturbed by 0.05·N(0, 1) from its (partly zero)
+    initialisation, in eval mode."""
     torch.manual_seed(seed)
-    module = UQDMModule(embedding_dim=8, n_blocks=1, norm_groups=4, n_timesteps=n_timesteps)
+    module = UQDMModule(**(TINY | hparams))
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -501,17 +506,3 @@ def classify_cli_tools(data: bytes, workdir: Path, time_limit: float = TIME_LIMI
 def workdir():
     with tempfile.TemporaryDirectory(prefix="uqdm-fuzz-") as d:
         yield Path(d)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decode on one thread: many small tensor operations run faster without a second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def module():
-    return tiny_module()
