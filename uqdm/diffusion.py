@@ -5,7 +5,7 @@ holds what both kinds share (the steps, the prior, the top and bottom of the hie
 and the reconstructions); `UQDM` (uniform posteriors: a real code) and `GaussianDiffusion` (a
 theoretical rate) are its two kinds. Every loop over the steps is a `walk.Walk`, so the loss, the
 encoder, the decoder and the evaluation can never disagree about a step. Symbols follow
-`docs/METHOD.md`.
+`docs/equations.md`.
 """
 
 import math

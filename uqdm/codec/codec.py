@@ -1,4 +1,4 @@
-"""Compress images into `.uqdm` files and decode them, progressively (symbols as in docs/METHOD.md).
+"""Compress images into `.uqdm` files and decode them, progressively (symbols as in docs/equations.md).
 
 Both directions are consumers of one `walk.Walk` from the shared z₁, fed by `_coded_steps`: at
 step `i` it gives the prior p(z_s | z_t) at the current latents, the shared dither `u` and each
