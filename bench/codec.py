@@ -37,9 +37,8 @@ so that `make bench` stays within 10 minutes on 2 cores. Batch-32 decode is one 
 decoder takes one file): its figure is the median over the 32 files. `BENCH_COMPILE=1` adds the
 `torch.compile` variant of the float64 network (its compilation alone takes minutes on 2 cores).
 
-FLOPs. `FlopCounterMode` has no formula for PyTorch's CPU flash-attention kernel and counts it as
-zero; `profile.gflop_per_image` adds 4·L²·C per attention (L = 4096 pixels, C = 32) by hand, which
-is two thirds of the forward.
+FLOPs. `profile.gflop_per_image` counts attention by formula (`flops.py`: `FlopCounterMode` does not
+see PyTorch's fused CPU attention kernel); at 64×64 attention is two thirds of the forward.
 """
 
 import copy
@@ -60,15 +59,14 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
+from flops import forward_flops, matmul_peak_gflops
 from timing import median_seconds
 from uqdm.checkpoints import load_module
 from uqdm.codec import codec as codec_impl
 from uqdm.codec import coder, import_official, parse, save_checkpoint, tables
 from uqdm.images import box_resize, box_resize_center_crop, load_image
 from uqdm.module import UQDMModule
-from uqdm.network import Attention
 
 SHARED = Path(os.environ.get("UQDM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RELEASED = SHARED / "official" / "uqdm-tiny"
@@ -346,28 +344,6 @@ def run(workdir: Path | None = None, batch_size: int = 32) -> dict:
 
 
 # --- the network forward: profile and variants ----------------------------------------------------
-def forward_flops(net: torch.nn.Module, z: torch.Tensor, gamma: torch.Tensor) -> tuple[int, int]:
-    """(FLOPs FlopCounterMode counts, attention FLOPs it misses): its CPU flash-attention kernel
-    has no formula, so 4·B·L²·C per attention (q·kᵀ and weights·v) is added by hand."""
-    shapes = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.append(inp[0].shape))
-             for m in net.modules() if isinstance(m, Attention)]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            net(z, gamma)
-    finally:
-        for h in hooks:
-            h.remove()
-    counted_attention = any("attention" in str(op) for op in counter.get_flop_counts().get("Global", {}))
-    attention = 0 if counted_attention else sum(4 * b * (h * w) ** 2 * (c3 // 3) for b, c3, h, w in shapes)
-    return counter.get_total_flops(), attention
-
-
-def mm_peak_gflops(dtype: torch.dtype, n: int = 1536) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats=5) / 1e9
-
-
 def op_shares(net, z, gamma) -> dict:
     """Self CPU time of one forward under torch.profiler, grouped: attention, convolution, rest."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -418,14 +394,14 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
     net32 = copy.deepcopy(module.model.network).eval()
     z = torch.randn(batch_tiles, 3, 64, 64)
     gamma = module.model.gamma_at(0.5).detach()
-    counted, attention = forward_flops(net32, z, gamma)
-    flops = counted + attention
+    counted = forward_flops(net32, z, gamma)
+    flops = counted["total"]
     out = {"batch": batch_tiles, "gflop_per_image": flops / batch_tiles / 1e9,
-           "attention_flop_share": attention / flops, "flopcounter_missed_attention": attention > 0}
+           "attention_flop_share": counted["attention"] / flops}
     nets = {"f32": (net32, z, gamma), "f64": (copy.deepcopy(net32).double(), z.double(), gamma.double())}
     for name, (net, x, g) in nets.items():
         seconds = median_seconds(lambda: net(x, g), repeats=3)
-        peak = mm_peak_gflops(x.dtype)
+        peak = matmul_peak_gflops(x.dtype)
         out[name] = {"ms_per_image": 1e3 * seconds / batch_tiles, "gflops": flops / seconds / 1e9,
                      "mm_peak_gflops": peak, "share_of_peak": flops / seconds / 1e9 / peak, **op_shares(net, x, g)}
     out["f64_over_f32"] = out["f64"]["ms_per_image"] / out["f32"]["ms_per_image"]

@@ -1,23 +1,12 @@
 """Benchmark 1: one forward of the tiny network, as GFLOP/s against this machine's float32
-matrix-multiply peak, and the fused attention against the paper's explicit einsum/softmax."""
+matrix-multiply peak (attention's FLOPs counted by formula, `flops.py`), and the fused attention
+against the paper's explicit einsum/softmax."""
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from flops import forward_flops, matmul_peak_gflops
 from timing import median_seconds
 from uqdm.network import ScoreNetwork
-
-
-def matmul_peak_gflops(n: int = 2048) -> float:
-    """2·n³ / t for a float32 `torch.mm` of two n×n matrices."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats=5) / 1e9
-
-
-def forward_flops(net: torch.nn.Module, z: torch.Tensor, gamma: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
-        net(z, gamma)
-    return counter.get_total_flops()
 
 
 @torch.inference_mode()
@@ -31,11 +20,12 @@ def run(batch: int = 8, size: int = 64) -> dict:
     t_sdpa = median_seconds(lambda: sdpa(z, gamma))
     t_einsum = median_seconds(lambda: einsum(z, gamma))
     peak = matmul_peak_gflops()
-    gflops = flops / t_sdpa / 1e9
+    gflops = flops["total"] / t_sdpa / 1e9
     return {
         "batch": batch,
         "image": f"{size}x{size}",
-        "gflop_per_forward": flops / 1e9,
+        "gflop_per_forward": flops["total"] / 1e9,
+        "attention_flop_share": flops["attention"] / flops["total"],
         "ms_per_image": 1e3 * t_sdpa / batch,
         "gflops": gflops,
         "mm_peak_gflops": peak,
