@@ -7,15 +7,19 @@
 4. (`run_scaling`) Codec time against image area (64×64 … 768×512) and against the number of steps
    T (1 … 16), each series with a linearity verdict, and peak memory against area.
 
-How the time is split. The codec is not changed: while timing, the benchmark replaces the
-functions the codec reaches through module or class attributes with wall-clock wrappers that keep
-*exclusive* time (a wrapped call inside another counts only for the inner label):
-  tables     = tables.step_model, tables.lossless_model, StepModel.table, LosslessModel.table
-  coder      = coder.encode, coder.decode (constriction calls, symbol shuffling), minus tables
-  ideal_bits = tables.ideal_step_bits, codec._lossless_ideal_bits (the decoder's rate report)
-  network    = codec.SubBatched.forward (every float64 network call)
+How the time is split. The benchmark calls only `compress` and `decompress` and replaces nothing:
+each timed call runs under Python's deterministic profiler (`cProfile`, with C calls folded into
+the Python function that makes them), and the parts are read from the profile's call graph:
+  tables     = time in the modules `codec.tables` and `codec.exact` when entered from elsewhere,
+               less the rate report below
+  coder      = time in `codec.coder` when entered from elsewhere (constriction calls, symbol
+               shuffling), less the tables it builds
+  ideal_bits = `tables.ideal_step_bits` and `DiscreteDiffusion.log_likelihood` (the decoder's rate
+               report of the step and lossless chunks)
+  network    = `ScoreNetwork.forward` (every float64 network call)
   other      = the rest (latent arithmetic, shared draws, fingerprint, model copy, packing)
-`coding_share` = (tables + coder) / codec wall time.
+`coding_share` = (tables + coder) / codec wall time. The wall times are those of the profiled
+calls; the profiler adds a little to the Python-heavy parts (tables, coder).
 
 How peak memory is measured. The 768×512 image runs in a fresh Python process (the smaller area
 points of section 4 share a second one, in ascending size): imports, model load and a warm-up
@@ -42,11 +46,13 @@ see PyTorch's fused CPU attention kernel); at 64×64 attention is two thirds of 
 """
 
 import copy
+import cProfile
 import ctypes
-import functools
 import gc
+import inspect
 import json
 import os
+import pstats
 import resource
 import statistics
 import subprocess
@@ -54,7 +60,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,10 +68,12 @@ from torch.profiler import ProfilerActivity, profile
 from flops import forward_flops, matmul_peak_gflops
 from timing import median_seconds
 from uqdm.checkpoints import load_module
-from uqdm.codec import codec as codec_impl
-from uqdm.codec import coder, import_official, parse, save_checkpoint, tables
+from uqdm.codec import coder, compress, decompress, exact, import_official, parse, save_checkpoint, tables
+from uqdm.codec.codec import BATCH_TILES
+from uqdm.diffusion import DiscreteDiffusion
 from uqdm.images import box_resize, box_resize_center_crop, load_image
 from uqdm.module import UQDMModule
+from uqdm.network import ScoreNetwork
 
 SHARED = Path(os.environ.get("UQDM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RELEASED = SHARED / "official" / "uqdm-tiny"
@@ -81,81 +88,77 @@ LABELS = ("tables", "coder", "ideal_bits", "network")
 
 
 # --- timing the codec's parts from outside ----------------------------------------------------
+def _key(fn) -> tuple[str, int, str]:
+    """The key `pstats` files a Python function under."""
+    code = fn.__code__
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def _files(*modules) -> frozenset[str]:
+    return frozenset(inspect.getsourcefile(m) for m in modules)
+
+
+TABLE_FILES = _files(tables, exact)  # probability tables and the arithmetic they are built with
+CODER_FILES = _files(coder)  # the constriction calls and the symbol shuffling around them
+IDEAL_BITS = (_key(tables.ideal_step_bits), _key(DiscreteDiffusion.log_likelihood))  # the decoder's rate report
+NETWORK = _key(ScoreNetwork.forward)
+
+
 class Timers:
-    """Exclusive wall seconds per label of the wrapped codec functions, and the codec's total."""
+    """Wall seconds of the codec calls made through `call`, and the time inside each part of them,
+    read from a deterministic profile (`cProfile`, C calls folded into their Python caller)."""
 
     def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
         self.wall = 0.0
-        self.missing: list[str] = []
-        self._stack: list[float] = []
-
-    def wrap(self, fn, label: str):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self._stack.append(0.0)
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                inner = self._stack.pop()
-                self.seconds[label] += elapsed - inner
-                if self._stack:
-                    self._stack[-1] += elapsed
-        return timed
+        self.profile = cProfile.Profile(builtins=False)
 
     def call(self, fn, *args, **kwargs):
-        """Run one codec call, adding its wall time to the total; return (result, seconds)."""
+        """Run one codec call under the profiler, adding its wall time to the total; return
+        (result, seconds)."""
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        self.profile.enable()
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self.profile.disable()
         seconds = time.perf_counter() - start
         self.wall += seconds
         return out, seconds
 
+    def seconds(self) -> dict[str, float]:
+        """Seconds per part: the time spent in a part's functions when entered from outside it,
+        less what the coder spends in the tables it asks for (each second counts once)."""
+        stats = pstats.Stats(self.profile).stats
+        edges = [(caller, callee, ct) for callee, (*_, callers) in stats.items()
+                 for caller, (_, _, _, ct) in callers.items()]
+
+        def entered(files: frozenset[str], skip=()) -> float:
+            return sum(ct for caller, callee, ct in edges
+                       if callee[0] in files and caller[0] not in files and callee not in skip)
+
+        from_coder = sum(ct for caller, callee, ct in edges if caller[0] in CODER_FILES and callee[0] in TABLE_FILES)
+        return {
+            "tables": entered(TABLE_FILES, skip=IDEAL_BITS),
+            "coder": entered(CODER_FILES) - from_coder,
+            "ideal_bits": sum(stats[k][3] for k in IDEAL_BITS if k in stats),
+            "network": stats[NETWORK][3] if NETWORK in stats else 0.0,
+        }
+
     def shares(self) -> dict:
-        shares = {f"{k}_share": self.seconds[k] / self.wall for k in LABELS}
-        shares["other_share"] = 1.0 - sum(shares.values())
-        shares["coding_share"] = shares["tables_share"] + shares["coder_share"]
-        return shares
+        return shares(self.seconds(), self.wall)
 
 
-PATCHES = (
-    (coder, "encode", "coder"),
-    (coder, "decode", "coder"),
-    (tables, "step_model", "tables"),
-    (tables, "lossless_model", "tables"),
-    (tables.StepModel, "table", "tables"),
-    (tables.LosslessModel, "table", "tables"),
-    (tables, "ideal_step_bits", "ideal_bits"),
-    (codec_impl, "_lossless_ideal_bits", "ideal_bits"),
-    (codec_impl.SubBatched, "forward", "network"),
-)
+def shares(seconds: dict[str, float], wall: float) -> dict:
+    """Each part's share of the codec's wall time, the rest (`other`), and tables + coder."""
+    out = {f"{k}_share": seconds[k] / wall for k in LABELS}
+    out["other_share"] = 1.0 - sum(out.values())
+    out["coding_share"] = out["tables_share"] + out["coder_share"]
+    return out
 
 
-@contextmanager
-def instrument(timers: Timers | None = None):
-    """Wrap the codec's table, coding, rate and network functions with `timers` while inside
-    (a function the codec no longer has is skipped and listed in `timers.missing`)."""
-    timers = timers if timers is not None else Timers()
-    present = [(o, n, label) for o, n, label in PATCHES if hasattr(o, n)]
-    timers.missing = sorted(f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in PATCHES if not hasattr(o, n))
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in present]
-    try:
-        for owner, name, label in present:
-            setattr(owner, name, timers.wrap(getattr(owner, name), label))
-        yield timers
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
-
-
-def compress(module, images, **kwargs) -> list[bytes]:
-    return codec_impl.compress(module, images, **kwargs)
-
-
-def decompress(module, data: bytes, **kwargs):
-    return codec_impl.decompress(module, data, **kwargs)
+def merged_shares(*timers: Timers) -> dict:
+    seconds = [t.seconds() for t in timers]
+    return shares({k: sum(s[k] for s in seconds) for k in LABELS}, sum(t.wall for t in timers))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -198,11 +201,9 @@ def batch1(module, image: torch.Tensor, budget_s: float = 15.0) -> tuple[dict, b
     enc, dec = Timers(), Timers()
     enc_times, dec_times = [], []
     while len(enc_times) < 3:
-        with instrument(enc):
-            files, seconds = enc.call(compress, module, [image])
+        files, seconds = enc.call(compress, module, [image])
         enc_times.append(seconds)
-        with instrument(dec):
-            decoded, seconds = dec.call(decompress, module, files[0])
+        decoded, seconds = dec.call(decompress, module, files[0])
         dec_times.append(seconds)
         if (enc_times[0] + dec_times[0]) * 3 > budget_s:
             break
@@ -212,41 +213,31 @@ def batch1(module, image: torch.Tensor, budget_s: float = 15.0) -> tuple[dict, b
         "decode_ms": 1e3 * statistics.median(dec_times),
         "encode_coding_share": enc.shares()["coding_share"],
         "decode_coding_share": dec.shares()["coding_share"],
-        **merge(enc, dec).shares(),
+        **merged_shares(enc, dec),
         "exact": torch.equal(decoded.image, image),
         **file_figures(files, [decoded]),
     }, files[0]
-
-
-def merge(*timers: Timers) -> Timers:
-    out = Timers()
-    for t in timers:
-        out.wall += t.wall
-        for k, v in t.seconds.items():
-            out.seconds[k] += v
-    return out
 
 
 def batch(module, images: list[torch.Tensor], encode_budget_s: float = 30.0) -> dict:
     """All images in one `compress` call (median of 3, or 1 when one call alone takes more than a
     third of `encode_budget_s`), once more with one tile per network call instead of the codec's
     default sub-batch, then every file decoded once (median over the files)."""
-    with instrument() as enc:
-        files, first = enc.call(compress, module, images)
-        times = [first]
-        while len(times) < 3 and first * 3 <= encode_budget_s:
-            files, seconds = enc.call(compress, module, images)
-            times.append(seconds)
+    enc, dec = Timers(), Timers()
+    files, first = enc.call(compress, module, images)
+    times = [first]
+    while len(times) < 3 and first * 3 <= encode_budget_s:
+        files, seconds = enc.call(compress, module, images)
+        times.append(seconds)
     # the codec's own knob, tiles per network call (its bytes do not depend on it): 1 against 4
     start = time.perf_counter()
     one_tile = compress(module, images, batch_tiles=1)
     one_tile_s = time.perf_counter() - start
-    with instrument() as dec:
-        decoded, dec_times = [], []
-        for data in files:
-            d, seconds = dec.call(decompress, module, data)
-            decoded.append(d)
-            dec_times.append(seconds)
+    decoded, dec_times = [], []
+    for data in files:
+        d, seconds = dec.call(decompress, module, data)
+        decoded.append(d)
+        dec_times.append(seconds)
     n = len(images)
     kodak24 = [sum(d.ideal_bits) / 4096 for d in decoded[:24]]
     return {
@@ -259,11 +250,10 @@ def batch(module, images: list[torch.Tensor], encode_budget_s: float = 30.0) -> 
         "batch_tiles_1_same_bytes": one_tile == files,
         "encode_coding_share": enc.shares()["coding_share"],
         "decode_coding_share": dec.shares()["coding_share"],
-        **merge(enc, dec).shares(),
+        **merged_shares(enc, dec),
         "exact": all(torch.equal(d.image, x) for d, x in zip(decoded, images)),
         **file_figures(files, decoded),
         "kodak24_bpp": statistics.mean(kodak24) if len(kodak24) == 24 else None,
-        **({"not_instrumented": enc.missing} if enc.missing else {}),
     }
 
 
@@ -363,31 +353,23 @@ class ChannelsLast(torch.nn.Module):
     def __init__(self, network: torch.nn.Module):
         super().__init__()
         self.network = network.to(memory_format=torch.channels_last)
+        self.n_channels = network.n_channels
 
     def forward(self, z, gamma):
         return self.network(z.contiguous(memory_format=torch.channels_last), gamma)
 
 
-@contextmanager
-def network_variant(wrap):
-    """The codec's float64 network replaced by `wrap(network)` (for the same-bytes check)."""
-    original = codec_impl.codec_model
-
-    def variant(model, batch_tiles=codec_impl.BATCH_TILES):
-        net = original(model, batch_tiles)
-        net.network.network = wrap(net.network.network)
-        return net
-
-    codec_impl.codec_model = variant
-    try:
-        yield
-    finally:
-        codec_impl.codec_model = original
+def with_network(module, wrap) -> torch.nn.Module:
+    """A copy of the module's diffusion model whose network is `wrap(network)`: handed to the codec,
+    its float64 copy runs the variant."""
+    model = copy.deepcopy(module.model)
+    model.network = wrap(model.network)
+    return model
 
 
 @torch.inference_mode()
 def profile_network(module, image: torch.Tensor, reference_file: bytes,
-                    batch_tiles: int = codec_impl.BATCH_TILES) -> dict:
+                    batch_tiles: int = BATCH_TILES) -> dict:
     """One forward of the released network on `batch_tiles` 64×64 latents (the codec's sub-batch):
     float32 against float64, where the time goes, and variants of the float64 forward that leave
     the codec's bytes unchanged (checked by compressing `image` again)."""
@@ -420,8 +402,8 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
         first_s = time.perf_counter() - start
         t_variant = median_seconds(lambda: net(x64, g64), repeats=3)
         t_plain = median_seconds(lambda: net64(x64, g64), repeats=3)
-        with network_variant(wrap):
-            same = compress(module, [image])[0] == reference_file
+        # the header's fingerprint names the network's class, so only the payloads can agree
+        same = parse(compress(with_network(module, wrap), [image])[0]).chunks == parse(reference_file).chunks
         out[f"f64_{name}"] = {"over_plain": t_variant / t_plain, "first_call_s": first_s, "same_bytes": same}
     return out
 
@@ -561,19 +543,18 @@ def measure_image(module, image: torch.Tensor) -> dict:
     _trim()
     baseline = _status_kib("VmRSS")
     resettable = _reset_peak()
-    with instrument() as enc:
-        files, enc_s = enc.call(compress, module, [image])
+    enc, dec = Timers(), Timers()
+    files, enc_s = enc.call(compress, module, [image])
     enc_peak = _peak_kib(resettable)
     _reset_peak()
-    with instrument() as dec:
-        decoded, dec_s = dec.call(decompress, module, files[0])
+    decoded, dec_s = dec.call(decompress, module, files[0])
     dec_peak = _peak_kib(resettable)
     pixels = image.shape[1] * image.shape[2]
     return {
         "height": image.shape[1], "width": image.shape[2], "pixels": pixels, "repeats": 1,
         "encode_ms": 1e3 * enc_s, "decode_ms": 1e3 * dec_s, "ms_per_megapixel": 1e3 * (enc_s + dec_s) / (pixels / 1e6),
         "encode_coding_share": enc.shares()["coding_share"], "decode_coding_share": dec.shares()["coding_share"],
-        **merge(enc, dec).shares(),
+        **merged_shares(enc, dec),
         "exact": torch.equal(decoded.image, image), **file_figures(files, [decoded]),
         "peak_mib": (max(enc_peak, dec_peak) - baseline) / 1024,
         "encode_peak_mib": (enc_peak - baseline) / 1024, "decode_peak_mib": (dec_peak - baseline) / 1024,
