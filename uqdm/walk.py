@@ -1,4 +1,4 @@
-"""The walk down the diffusion hierarchy, and universal quantization (symbols as in docs/METHOD.md).
+"""The walk down the diffusion hierarchy, and universal quantization (symbols as in docs/equations.md).
 
 A walk starts from a latent z_t at step `start` (z₁ at step 0) and, for each step t → s on the grid
 t_i = 1 − i/T, computes the step's schedule quantities and the prior p(z_s | z_t) at z_t (one
