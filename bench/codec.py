@@ -195,18 +195,26 @@ def file_figures(files: list[bytes], decoded: list) -> dict:
 
 
 # --- section 3 ----------------------------------------------------------------------------------
-def batch1(module, image: torch.Tensor, budget_s: float = 15.0) -> tuple[dict, bytes]:
-    """One 64×64 image per call (already warmed up): median of 3 encodes and 3 decodes, or of 1
-    when the first round trip alone takes more than a third of `budget_s`."""
-    enc, dec = Timers(), Timers()
+def round_trips(module, image: torch.Tensor, budget_s: float, enc: Timers, dec: Timers, repeats: int = 3):
+    """Encode and decode `image` `repeats` times (once when the first round trip alone takes more
+    than a third of `budget_s`) through `enc` and `dec`; return both lists of seconds, the last
+    file and its decoding."""
     enc_times, dec_times = [], []
-    while len(enc_times) < 3:
+    while len(enc_times) < repeats:
         files, seconds = enc.call(compress, module, [image])
         enc_times.append(seconds)
         decoded, seconds = dec.call(decompress, module, files[0])
         dec_times.append(seconds)
-        if (enc_times[0] + dec_times[0]) * 3 > budget_s:
+        if (enc_times[0] + dec_times[0]) * repeats > budget_s:
             break
+    return enc_times, dec_times, files[0], decoded
+
+
+def batch1(module, image: torch.Tensor, budget_s: float = 15.0) -> tuple[dict, bytes]:
+    """One 64×64 image per call (already warmed up): median of 3 encodes and 3 decodes, or of 1
+    when the first round trip alone takes more than a third of `budget_s`."""
+    enc, dec = Timers(), Timers()
+    enc_times, dec_times, data, decoded = round_trips(module, image, budget_s, enc, dec)
     return {
         "repeats": len(enc_times),
         "encode_ms": 1e3 * statistics.median(enc_times),
@@ -215,8 +223,8 @@ def batch1(module, image: torch.Tensor, budget_s: float = 15.0) -> tuple[dict, b
         "decode_coding_share": dec.shares()["coding_share"],
         **merged_shares(enc, dec),
         "exact": torch.equal(decoded.image, image),
-        **file_figures(files, [decoded]),
-    }, files[0]
+        **file_figures([data], [decoded]),
+    }, data
 
 
 def batch(module, images: list[torch.Tensor], encode_budget_s: float = 30.0) -> dict:
@@ -453,19 +461,11 @@ def steps_series(ckpt: Path, image: torch.Tensor, steps=None, budget_s: float = 
         model = UQDMModule(**{**hparams, "n_timesteps": T})
         model.load_state_dict(base.state_dict())
         model.eval()
-        data = compress(model, [image])[0]  # warm-up
-        enc_times, dec_times = [], []
-        while len(enc_times) < 3:
-            start = time.perf_counter()
-            data = compress(model, [image])[0]
-            enc_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            exact = torch.equal(decompress(model, data).image, image)
-            dec_times.append(time.perf_counter() - start)
-            if (enc_times[0] + dec_times[0]) * 3 > budget_s:
-                break
+        compress(model, [image])  # warm-up
+        enc_times, dec_times, _, decoded = round_trips(model, image, budget_s, Timers(), Timers())
         rows.append({"T": T, "encode_ms": 1e3 * statistics.median(enc_times),
-                     "decode_ms": 1e3 * statistics.median(dec_times), "repeats": len(enc_times), "exact": exact})
+                     "decode_ms": 1e3 * statistics.median(dec_times), "repeats": len(enc_times),
+                     "exact": torch.equal(decoded.image, image)})
     return rows
 
 

@@ -2,9 +2,10 @@
 decoder makes of each.
 
 Shared by `tests/test_fuzz_decoder.py` (hypothesis, a bounded sample) and `scripts/fuzz_decoder.py`
-(the same mutations at scale), which build the same sample file from `tiny_module()`. Every mutation is a function `(rng, sample) -> bytes` of a
-`random.Random` and the `Sample` (a small real file, its chunk boundaries and the picture at every
-truncation point), so a case is reproducible from its strategy name and seed.
+(the same mutations at scale), which build the same sample file from `tiny_module()`. Every
+mutation is a function `(rng, sample) -> bytes` of a `random.Random` and the `Sample` (a small real
+file, its chunk boundaries and the picture at every truncation point), so a case is reproducible
+from its strategy name and seed.
 
 The decoder may only
 - decode: no warning, and the picture is the original file's picture at the same truncation point
