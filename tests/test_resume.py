@@ -3,8 +3,8 @@
 
 The checkpoints fall at epoch ends (2 batches an epoch, one every 2 steps): from there a resumed
 run repeats the uninterrupted one bit for bit (`uqdm.checkpoint_io.ResumeState` restores the
-random generators; data drawn in the main process; deterministic CPU kernels, one thread). Resuming
-mid-epoch cannot be exact, since Lightning restarts the training loader; see `ResumeState`.
+random generators; deterministic CPU kernels, one thread), and the W&B run continues. Resuming
+mid-epoch, for every data module and with workers: `tests/test_resume_any_step.py`.
 """
 
 import os
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from checkpoint_states import assert_same
 from uqdm.checkpoints import safe_load
 
 STEPS, CHECKPOINT_EVERY = 6, 2
@@ -117,23 +117,6 @@ def _checkpoints(folder: Path) -> Path:
     return found
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    """Exact equality of nested checkpoint contents (tensors bit for bit)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), (
-            f"{where} differs by up to {(a.double() - b.double()).abs().max().item():.3g}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.mark.timeout(600)
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -188,6 +171,6 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     # And everything ends bit for bit where the uninterrupted run ends: weights (the learned
     # schedule's too), EMA weights and state, Adam's moments, learning-rate schedule, generators.
     for key in ("current_model_state", "state_dict", "averaging_state", "optimizer_states", "lr_schedulers"):
-        _assert_same(resumed[key], expected[key], key)
-    _assert_same(resumed["uqdm_resume"]["rng"], expected["uqdm_resume"]["rng"], "rng")
+        assert_same(resumed[key], expected[key], key)
+    assert_same(resumed["uqdm_resume"]["rng"], expected["uqdm_resume"]["rng"], "rng")
     assert "validation bpd" in output and "validation bpd" in reference_output

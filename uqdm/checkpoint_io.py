@@ -99,10 +99,11 @@ class ResumeState(Callback):
     (``checkpoint["uqdm_resume"]``).
 
     The generators are restored when the checkpoint is loaded, before the training data are drawn.
-    With the data drawn in the main process (``num_workers=0``) from a checkpoint taken at the end
-    of an epoch, the resumed run then repeats the uninterrupted one exactly (deterministic CPU
-    kernels assumed). Resuming mid-epoch cannot be exact: Lightning restarts the (non-resumable)
-    training loader, which has already drawn the next batch when the checkpoint is taken.
+    The training data themselves do not use them: with uqdm's data modules their order and
+    randomness are functions of (seed, epoch, index), and Lightning saves and restores the loader's
+    position (`uqdm.data_order.ResumableLoader`). So a run resumed from the checkpoint of any step,
+    mid-epoch too and with any number of workers, repeats the uninterrupted one exactly
+    (deterministic CPU kernels assumed).
 
     The run ids are read by the ``uqdm`` command before the loggers start (`continue_logger_runs`).
 

@@ -1,4 +1,9 @@
-"""LightningDataModules. Every batch is a uint8 tensor B×3×H×W (labels are dropped)."""
+"""LightningDataModules. Every batch is a uint8 tensor B×3×H×W (labels are dropped).
+
+Training data are drawn through `uqdm.data_order`: their order and their random crops are functions
+of (seed, epoch, index), so a run resumed from any step's checkpoint draws the batches the
+interrupted run would have drawn, with any number of workers.
+"""
 
 import pickle
 import re
@@ -16,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
 from torchvision.datasets.utils import download_and_extract_archive, extract_archive
 
+from uqdm.data_order import Draw, ResumableLoader, as_draw, default_seed
 from uqdm.errors import UQDMError
 from uqdm.images import box_resize, center_crop, image_files, load_image
 
@@ -45,22 +51,23 @@ class ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        index = int(self.indices[i])
+    def __getitem__(self, key: int | Draw) -> torch.Tensor:
+        index = int(self.indices[as_draw(key).index])
         part = int(np.searchsorted(self.starts, index, side="right")) - 1
         return torch.from_numpy(np.array(self.parts[part][index - self.starts[part]]))
 
 
-def random_crop_flip(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A uniformly placed size×size crop, mirrored horizontally with probability 1/2 (torch's global RNG)."""
+def random_crop_flip(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly placed size×size crop, mirrored horizontally with probability 1/2."""
     h, w = image.shape[-2:]
-    top, left = (int(torch.randint(n - size + 1, ())) for n in (h, w))
+    top, left = (int(torch.randint(n - size + 1, (), generator=generator)) for n in (h, w))
     crop = image[..., top : top + size, left : left + size]
-    return (crop.flip(-1) if torch.rand(()) < 0.5 else crop).contiguous()
+    return (crop.flip(-1) if torch.rand((), generator=generator) < 0.5 else crop).contiguous()
 
 
 class _ImageDataModule(L.LightningDataModule):
-    """Shared loaders: training shuffled (dropping a last partial batch), validation in a fixed order."""
+    """Shared loaders: training shuffled (dropping a last partial batch) by a resumable
+    `ResumableLoader` seeded with the global generator's seed, validation in a fixed order."""
 
     def __init__(self, batch_size: int, num_workers: int, val_batch_size: int | None):
         super().__init__()
@@ -76,21 +83,13 @@ class _ImageDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        return ResumableLoader(self.train_set, self.hparams.batch_size, default_seed(),
+                               num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
+        return DataLoader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size,
+                          num_workers=workers, persistent_workers=workers > 0)
 
 
 class CIFAR10(_ImageDataModule):
@@ -271,11 +270,12 @@ class _RandomFileCrops(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = load_image(self.files[i])
+    def __getitem__(self, key: int | Draw) -> torch.Tensor:
+        draw = as_draw(key)
+        image = load_image(self.files[draw.index])
         if self.resize is not None or min(image.shape[1:]) < self.crop_size:
             image = box_resize(image, self.resize or self.crop_size)
-        return random_crop_flip(image, self.crop_size)
+        return random_crop_flip(image, self.crop_size, draw.generator())
 
 
 class _CenterFileCrops(Dataset):
@@ -342,6 +342,7 @@ class _RandomPhotoCrops(Dataset):
     def __len__(self) -> int:
         return self.samples
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        photo = self.photos[int(torch.randint(len(self.photos), ()))]
-        return random_crop_flip(photo, self.crop_size)
+    def __getitem__(self, key: int | Draw) -> torch.Tensor:
+        generator = as_draw(key).generator()
+        photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
+        return random_crop_flip(photo, self.crop_size, generator)

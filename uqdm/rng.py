@@ -1,5 +1,6 @@
 """Seeded randomness that does not disturb the global generators."""
 
+import hashlib
 from contextlib import contextmanager
 
 import torch
@@ -12,3 +13,10 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def keyed_generator(*key, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of its own, seeded by the first 63 bits of SHA-256("k₁/k₂/…") (little-endian):
+    the same numbers for the same key on every machine, thread and worker process."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -6,16 +6,15 @@ order. CPU generators produce the same numbers for every thread count and machin
 are bit-identical wherever a file is decoded; they move to the model's device afterwards.
 """
 
-import hashlib
-
 import torch
 from torch import Tensor
+
+from uqdm.rng import keyed_generator
 
 
 def generator(seed: int, purpose: str, step: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by the first 63 bits of SHA-256(`uqdm/<purpose>/<seed>/<step>`)."""
-    digest = hashlib.sha256(f"uqdm/{purpose}/{seed}/{step}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return keyed_generator("uqdm", purpose, seed, step, device=device)
 
 
 def top_latent(seed: int, shape: tuple[int, ...]) -> Tensor:
