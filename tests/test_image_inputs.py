@@ -18,12 +18,12 @@ import imagecodecs
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
 from uqdm.codec import compress, decompress
 from uqdm.codec.fuzz import one_line_error, run_cli
 from uqdm.errors import UQDMError
-from uqdm.images import load_image
+from uqdm.images import LOSSES, load_image, load_image_and_losses
 
 TILE = 4
 H, W = 5, 6  # two rows and two columns of 4-pixel tiles, the last ones padded
@@ -131,6 +131,9 @@ def one_pixel_gray16(path):
 
 CASES = [gray, gray_alpha, bilevel, palette, palette_transparent, rgb, rgba, gray16, rgb16, rgba16, one_pixel,
          one_pixel_gray16]
+# What each case's 8-bit RGB picture cannot hold of its file (one_pixel_gray16: 51400 = 257·200 is exact).
+LOST = {"gray_alpha": ("alpha",), "palette_transparent": ("alpha",), "rgba": ("alpha",), "gray16": ("depth",),
+        "rgb16": ("depth",), "rgba16": ("alpha", "depth")}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__)
@@ -138,9 +141,11 @@ def test_image_modes_become_the_expected_rgb_and_round_trip(case, module, ckpt, 
     src = tmp_path / f"{case.__name__}.png"
     expected = case(src)
     # Python API: the expected picture, and an exact round trip through the codec
-    image = load_image(src)
+    loaded = load_image_and_losses(src)
+    image = loaded.image
     assert image.dtype == torch.uint8 and image.shape == expected.shape
-    assert torch.equal(image, expected)
+    assert torch.equal(image, expected) and torch.equal(load_image(src), expected)
+    assert loaded.lost == LOST.get(case.__name__, ())
     # the command line: compress, then decompress to the same picture; the file also decodes via the API
     packed, out = tmp_path / "x.uqdm", tmp_path / "x.png"
     run = run_cli(["compress", "--ckpt", str(ckpt), str(src), "-o", str(packed), "--tile", str(TILE)])
@@ -167,6 +172,83 @@ def test_images_of_every_mode_in_one_call(module, ckpt, tmp_path):
     # the same images through the Python API in one call give the same files
     files = compress(module, [load_image(s) for s in sources], tile=TILE)
     assert files == [p.read_bytes() for p in packed]
+
+
+# --- what a lossless file cannot hold, named -------------------------------------------------
+def _icc(kind: str) -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(kind)).tobytes()
+
+
+def opaque_rgba(path):
+    a = _rng(12).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    a[..., 3] = 255
+    Image.fromarray(a, "RGBA").save(path, format="PNG")
+    return a[..., :3], ()
+
+
+def gray16_of_8bit_values(path):
+    a = _rng(13).integers(0, 256, (H, W), dtype=np.uint16)
+    Image.fromarray(a * 257).save(path, format="PNG")
+    return np.repeat(a.astype(np.uint8)[..., None], 3, axis=2), ()
+
+
+def rgb16_of_8bit_values(path):
+    a = _rng(14).integers(0, 256, (H, W, 3), dtype=np.uint16)
+    Path(path).write_bytes(imagecodecs.png_encode(a * 257))
+    return a.astype(np.uint8), ()
+
+
+def lab_profile(path):
+    a = _rng(15).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(a, "RGB").save(path, format="PNG", icc_profile=_icc("LAB"))
+    return a, ("profile",)
+
+
+def srgb_profile(path):
+    a = _rng(16).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(a, "RGB").save(path, format="PNG", icc_profile=_icc("sRGB"))
+    return a, ()
+
+
+def cmyk(path):
+    im = Image.fromarray(_rng(17).integers(0, 256, (H, W, 4), dtype=np.uint8), "CMYK")
+    im.save(path, format="TIFF")
+    return np.asarray(im.convert("RGB")), ("colours",)
+
+
+def two_frames(path):
+    frames = [Image.fromarray(_rng(18 + i).integers(0, 256, (H, W, 3), dtype=np.uint8), "RGB") for i in range(2)]
+    frames[0].save(path, format="TIFF", save_all=True, append_images=frames[1:])
+    return np.asarray(frames[0]), ("frames",)
+
+
+def float_fractions(path):
+    a = _rng(20).uniform(-10, 300, (H, W)).astype(np.float32)
+    Image.fromarray(a, "F").save(path, format="TIFF")
+    rounded = np.rint(np.clip(a.astype(np.float64), 0, 255)).astype(np.uint8)
+    return np.repeat(rounded[..., None], 3, axis=2), ("depth",)
+
+
+def float_integers(path):
+    a = _rng(21).integers(0, 256, (H, W)).astype(np.float32)
+    Image.fromarray(a, "F").save(path, format="TIFF")
+    return np.repeat(a.astype(np.uint8)[..., None], 3, axis=2), ()
+
+
+LOSS_CASES = [opaque_rgba, gray16_of_8bit_values, rgb16_of_8bit_values, lab_profile, srgb_profile, cmyk, two_frames,
+              float_fractions, float_integers]
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda f: f.__name__)
+def test_what_the_picture_cannot_hold_of_the_file_is_named(case, tmp_path):
+    """Only what is really lost is reported: an opaque alpha channel, 16-bit samples that are 8-bit
+    values (257·k), float samples that are integers 0…255 and an sRGB profile lose nothing."""
+    src = tmp_path / f"{case.__name__}.img"
+    pixels, lost = case(src)
+    loaded = load_image_and_losses(src)
+    assert np.array_equal(loaded.image.permute(1, 2, 0).numpy(), pixels)
+    assert loaded.lost == lost
+    assert loaded.describe_losses() == ", ".join(LOSSES[name] for name in lost)
 
 
 # --- refused in one line ----------------------------------------------------------------------

@@ -6,27 +6,61 @@ Images are ``uint8`` tensors of shape 3×H×W (RGB) throughout.
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from uqdm.atomic import write_atomic
 from uqdm.errors import UQDMError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# What an 8-bit RGB picture cannot hold of an image file, in the order `uqdm info` lists it.
+LOSSES = {
+    "alpha": "transparency composited onto white",
+    "depth": "samples of more than 8 bits rounded to 8",
+    "profile": "its colour profile dropped",
+    "colours": "colours converted to RGB",
+    "frames": "frames after the first dropped",
+}
+# Modes whose conversion to RGB keeps every value (gray repeated, palette looked up).
+EXACT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image file as a uint8 3×H×W RGB tensor, and what of the file it lacks (keys of `LOSSES`)."""
+
+    image: torch.Tensor
+    lost: tuple[str, ...]
+
+    def describe_losses(self) -> str:
+        """The losses in words, e.g. "transparency composited onto white, its colour profile dropped"."""
+        return ", ".join(LOSSES[name] for name in self.lost)
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as a uint8 3×H×W RGB tensor.
+    """Read an image file as a uint8 3×H×W RGB tensor (see `load_image_and_losses`)."""
+    return load_image_and_losses(path).image
+
+
+def load_image_and_losses(path: str | os.PathLike) -> LoadedImage:
+    """Read an image file as a uint8 3×H×W RGB tensor, and say what of the file it could not keep.
 
     Any Pillow mode is accepted: grayscale becomes gray RGB; 16-bit data (``I;16``, ``I``, and 16-bit
     colour PNGs, which Pillow itself truncates) is scaled by 255/65535 and rounded; ``F`` is clipped to
     0..255; palette and CMYK go through Pillow's conversion. Transparency (RGBA, LA, palette or tRNS) is
     composited onto a white background. EXIF orientation is applied. Missing, unreadable, truncated and
     oversized (more than ``Image.MAX_IMAGE_PIXELS`` pixels) files raise :class:`UQDMError`.
+
+    Reported as lost (`LOSSES`), only where information actually goes: transparency where a pixel is
+    not opaque; samples of more than 8 bits that are not exact 8-bit values (16-bit v = 257·k scales
+    exactly); an ICC profile other than sRGB (the pixels are kept as stored, and read as sRGB);
+    colours of modes other than gray, palette and RGB (CMYK, YCbCr, Lab, ...); frames or pages after
+    the first.
     """
     path = Path(path)
     try:
@@ -34,7 +68,9 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                pixels = _composite_on_white(_decode(img, path))
+                decoded, eight_bit = _decode(img, path)
+                lost = _losses(img, decoded, eight_bit)
+                pixels = _composite_on_white(decoded)
                 oriented = Image.fromarray(pixels, "RGB")
                 oriented.info["exif"] = img.getexif().tobytes()  # orient after conversion, by the source's EXIF
     except FileNotFoundError:
@@ -43,20 +79,50 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         raise UQDMError(f"image too large: {path} has more than {Image.MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, imagecodecs.PngError) as e:
         raise UQDMError(f"cannot read image {path}: {_one_line(e)}") from None
-    return _to_tensor(np.asarray(ImageOps.exif_transpose(oriented)))
+    return LoadedImage(_to_tensor(np.asarray(ImageOps.exif_transpose(oriented))), lost)
 
 
-def _decode(img: Image.Image, path: Path) -> np.ndarray:
-    """Pixels of a loaded image as H×W×C on a 0..255 scale; C = 1, 2 (gray, +alpha) or 3, 4 (RGB, +alpha)."""
+def _losses(img: Image.Image, pixels: np.ndarray, eight_bit: bool) -> tuple[str, ...]:
+    """Which `LOSSES` apply to `img`, whose pixels `_decode` gave (0..255 scale, alpha last if any)."""
+    found = set()
+    if pixels.shape[2] in (2, 4) and (pixels[..., -1] < 255).any():
+        found.add("alpha")
+    if not eight_bit:
+        found.add("depth")
+    if not _is_srgb(img.info.get("icc_profile")):
+        found.add("profile")
+    if img.mode not in EXACT_MODES and not img.mode.startswith(("I", "F")):
+        found.add("colours")
+    if getattr(img, "n_frames", 1) > 1:
+        found.add("frames")
+    return tuple(name for name in LOSSES if name in found)
+
+
+def _is_srgb(icc_profile: bytes | None) -> bool:
+    """No embedded profile, or one that describes itself as sRGB (what a PNG without one is read as)."""
+    if not icc_profile:
+        return True
+    try:
+        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)))
+    except (OSError, ImageCms.PyCMSError):
+        return False
+    return description.strip().startswith("sRGB")
+
+
+def _decode(img: Image.Image, path: Path) -> tuple[np.ndarray, bool]:
+    """Pixels of a loaded image as H×W×C on a 0..255 scale (C = 1, 2: gray, +alpha; 3, 4: RGB, +alpha),
+    and whether all of them are 8-bit values (16-bit ones are divided by 65535/255 = 257)."""
     if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
-        pixels = imagecodecs.png_decode(path.read_bytes()) * (255 / 65535)
+        scaled = imagecodecs.png_decode(path.read_bytes()) / 257
     elif img.mode.startswith("I"):
-        pixels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) * (255 / 65535)
+        scaled = np.asarray(img, dtype=np.float64) / 257
     elif img.mode == "F":
-        pixels = np.clip(np.asarray(img, dtype=np.float64), 0, 255)
+        scaled = np.asarray(img, dtype=np.float64)
     else:
         pixels = np.asarray(img.convert("RGBA" if img.has_transparency_data else "RGB"))
-    return pixels.reshape(*pixels.shape[:2], -1)
+        return pixels.reshape(*pixels.shape[:2], -1), True
+    pixels = np.clip(scaled, 0, 255)
+    return pixels.reshape(*pixels.shape[:2], -1), bool(np.array_equal(scaled, np.rint(pixels)))
 
 
 def _png_bit_depth(path: Path) -> int:
