@@ -352,3 +352,74 @@ def test_sample_images():
 def test_sample_images_crop_too_large():
     with pytest.raises(UQDMError, match="crop_size"):
         SampleImages(crop_size=4096).setup("fit")
+
+
+# ---------------------------------------------------------------- data_order.py
+
+
+def epochs(loader, count: int) -> list[list[torch.Tensor]]:
+    """The batches of `count` epochs, with the epoch set as Lightning sets it."""
+    out = []
+    for epoch in range(count):
+        loader.order.set_epoch(epoch)
+        out.append([batch.clone() for batch in loader])
+    return out
+
+
+def test_training_batches_are_functions_of_seed_epoch_and_index():
+    """The same batches in the main process and in 2 workers, different ones in each epoch and for
+    another seed; the global generator is neither used nor disturbed."""
+    loaders = {}
+    for workers in (0, 2):
+        dm = SampleImages(crop_size=8, batch_size=2, train_samples=6, num_workers=workers)
+        dm.setup("fit")
+        torch.manual_seed(5)
+        loaders[workers] = dm.train_dataloader()
+    state = torch.get_rng_state()
+    main, workers = epochs(loaders[0], 2), epochs(loaders[2], 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for e, f in zip(main, workers) for a, b in zip(e, f))
+    assert [len(e) for e in main] == [3, 3]
+    assert not torch.equal(torch.cat(main[0]), torch.cat(main[1]))
+    torch.manual_seed(6)
+    other = dm.train_dataloader()
+    assert not torch.equal(torch.cat(epochs(other, 1)[0]), torch.cat(main[0]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_loader_resumes_from_its_state(tmp_path, workers, monkeypatch):
+    """A fresh loader given the state after k batches hands out the batches that followed, without
+    reading the skipped items; a state at the end of an epoch continues with the next epoch."""
+    np.savez(tmp_path / "train.npz", data=imagenet_rows(7))
+    np.savez(tmp_path / "val.npz", data=imagenet_rows(1))
+    made = []
+
+    def loader(seed: int):
+        dm = ImageNet64(data_dir=str(tmp_path), batch_size=2, num_workers=workers)
+        dm.setup("fit")
+        made.append(dm)
+        torch.manual_seed(seed)
+        return dm.train_dataloader()
+
+    uninterrupted = [b for e in epochs(loader(0), 3) for b in e]  # 3 batches an epoch, the 7th image left out
+    assert len(uninterrupted) == 9
+    # (epoch, batches taken in it, the uninterrupted batches that must follow in the resumed epoch)
+    for epoch, taken, following in ((0, 1, slice(1, 3)), (0, 3, slice(3, 6)), (1, 2, slice(5, 6))):
+        first = loader(0)
+        first.order.set_epoch(epoch)
+        batches = iter(first)
+        for _ in range(taken):
+            next(batches)
+        state = first.state_dict()
+        assert state == {"seed": 0, "epoch": epoch, "batches": taken}
+        resumed = loader(1)  # another global seed: the state's seed wins
+        resumed.load_state_dict(state)
+        reads = []
+        read = uqdm.data.ArrayImages.__getitem__
+        monkeypatch.setattr(uqdm.data.ArrayImages, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
+        rest = list(resumed)
+        monkeypatch.undo()
+        assert len(rest) == following.stop - following.start
+        if workers == 0:  # (workers read in their own processes)
+            assert len(reads) == 2 * len(rest)  # the skipped items were not read
+        assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[following]))

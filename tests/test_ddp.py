@@ -155,6 +155,11 @@ def test_ddp_validation_metrics_are_synchronised(ddp_fit, tmp_path):
 
     names = [name for name in A if name.startswith("val/")]
     assert "val/bpd" in names and "val/psnr/denoise/step_1" in names and "val/bpp/lossless" in names
+    # The PSNR is a mean over the pictures that are not exact. At the last lossy point (step_T,
+    # over 70 dB here) a picture can come out exact, and then the ranks' means have unequal weights
+    # and the equal-weight identity below does not hold; at the earlier points none can be exact.
+    last_lossy = f"step_{max(int(name.rsplit('_', 1)[1]) for name in names if '/step_' in name)}"
+    names = [name for name in names if not (name.startswith("val/psnr/") and name.endswith(last_lossy))]
     for name in names:
         assert A[name] == pytest.approx((S0[name] + 2 * X[name] - S1[name]) / 2, rel=1e-5, abs=1e-5), name
     assert A["val/bpd"] == pytest.approx((S0["val/bpd"] + S1["val/bpd"]) / 2, rel=1e-6)
