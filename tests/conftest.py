@@ -2,11 +2,14 @@
 one-thread running."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from uqdm.cli import main
 from uqdm.codec import import_official, save_checkpoint
 from uqdm.codec.fuzz import TINY, save_module, tiny_module as build_tiny_module
 from uqdm.images import box_resize_center_crop, load_image
@@ -84,3 +87,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli_exit(capsys, monkeypatch):
+    """`cli_exit(argv) -> (exit code, stderr)`: `uqdm ARGV` run in-process where it must exit."""
+    monkeypatch.setattr(sys, "argv", ["uqdm"])  # LightningCLI warns when both argv and args are given
+
+    def run(argv: list[str]) -> tuple[int | None, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(list(argv))
+        return exited.value.code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture
+def print_config(capsys, monkeypatch):
+    """`print_config(*args) -> dict`: the config that `uqdm fit ARGS` would run with."""
+    monkeypatch.setattr(sys, "argv", ["uqdm"])
+
+    def run(*args: str) -> dict:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["fit", *args, "--print_config"])
+        assert exited.value.code in (0, None)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    return run

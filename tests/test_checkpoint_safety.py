@@ -14,7 +14,6 @@ import uqdm
 import uqdm.checkpoint_io as checkpoint_io
 from uqdm.atomic import atomic_write
 from uqdm.checkpoint_io import AtomicCheckpointIO, find_last_checkpoint
-from uqdm.cli import main
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
 
@@ -90,39 +89,31 @@ data:
 """
 
 
-def _cli(args, capsys, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr("sys.argv", ["uqdm"])
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    return exited.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
-def test_cli_refuses_it_in_one_line(tmp_path, capsys, monkeypatch, command, malicious_checkpoint):
+def test_cli_refuses_it_in_one_line(tmp_path, command, malicious_checkpoint, cli_exit):
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(dirpath=tmp_path / "ckpts"))
-    code, err = _cli([command, "--config", str(config), "--ckpt_path", str(path)], capsys, monkeypatch)
+    code, err = cli_exit([command, "--config", str(config), "--ckpt_path", str(path)])
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("uqdm: error: refusing to load") and "forbidden global" in err
     assert not marker.exists()
 
 
-def test_cli_refuses_a_malicious_last_checkpoint_on_resume(tmp_path, capsys, monkeypatch, malicious_checkpoint):
+def test_cli_refuses_a_malicious_last_checkpoint_on_resume(tmp_path, malicious_checkpoint, cli_exit):
     marker = tmp_path / "pwned"
     (tmp_path / "ckpts").mkdir()
     malicious_checkpoint(tmp_path / "ckpts" / "last.ckpt", marker)
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(dirpath=tmp_path / "ckpts"))
-    code, err = _cli(["fit", "--config", str(config), "--ckpt_path", "last"], capsys, monkeypatch)
+    code, err = cli_exit(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert code == 2 and err.startswith("uqdm: error: refusing to load") and "last.ckpt" in err
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("command", ["compress", "decompress", "evaluate", "import-official"])
-def test_tools_refuse_it_in_one_line(tmp_path, capsys, monkeypatch, command, malicious_checkpoint):
+def test_tools_refuse_it_in_one_line(tmp_path, command, malicious_checkpoint, cli_exit):
     """``--ckpt`` of the codec and evaluation commands, and the released folder of import-official."""
     from PIL import Image
 
@@ -141,15 +132,15 @@ def test_tools_refuse_it_in_one_line(tmp_path, capsys, monkeypatch, command, mal
         "evaluate": ["--ckpt", str(evil), "--images", str(image), "--out", str(tmp_path / "eval")],
         "import-official": [str(released), "-o", str(tmp_path / "imported.ckpt")],
     }[command]
-    code, err = _cli([command, *args], capsys, monkeypatch)
+    code, err = cli_exit([command, *args])
     assert code == 2 and err.count("\n") == 1 and "forbidden global" in err, err
     assert not marker.exists() and not (tmp_path / "imported.ckpt").exists()
 
 
-def test_cli_refuses_weights_only_false(tmp_path, capsys, monkeypatch):
+def test_cli_refuses_weights_only_false(tmp_path, cli_exit):
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(dirpath=tmp_path / "ckpts"))
-    code, err = _cli(["fit", "--config", str(config), "--weights_only", "false"], capsys, monkeypatch)
+    code, err = cli_exit(["fit", "--config", str(config), "--weights_only", "false"])
     assert code == 2 and "weights-only" in err
 
 

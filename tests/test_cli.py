@@ -20,27 +20,20 @@ TINY = [
 ]
 
 
-def print_config(capsys, *args) -> dict:
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", *args, "--print_config"])
-    assert exit_.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path, capsys, monkeypatch):
+def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path, monkeypatch, print_config):
     monkeypatch.chdir(tmp_path)
-    first = print_config(capsys, "--config", DEFAULT, "--model.n_timesteps=8")
+    first = print_config("--config", DEFAULT, "--model.n_timesteps=8")
     assert first["model"]["n_timesteps"] == 8
     assert first["trainer"]["logger"]["init_args"]["name"] == "default-T8"  # interpolation follows the override
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(first))
-    assert print_config(capsys, "--config", str(saved)) == first
+    assert print_config("--config", str(saved)) == first
 
 
 @pytest.mark.parametrize("preset,width", [("tiny", 32), ("small", 64), ("medium", 256), ("big", 256)])
-def test_presets_compose_with_an_experiment(tmp_path, capsys, monkeypatch, preset, width):
+def test_presets_compose_with_an_experiment(tmp_path, monkeypatch, preset, width, print_config):
     monkeypatch.chdir(tmp_path)
-    cfg = print_config(capsys, "--config", str(ROOT / "experiments" / "imagenet64.yaml"),
+    cfg = print_config("--config", str(ROOT / "experiments" / "imagenet64.yaml"),
                        "--config", str(ROOT / "experiments" / "presets" / f"{preset}.yaml"))
     assert cfg["model"]["embedding_dim"] == width
     assert cfg["model"]["warmup"] == 1000 and cfg["model"]["lr"] == pytest.approx(2e-4)

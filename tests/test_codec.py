@@ -324,33 +324,31 @@ def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     assert [set(c) for c in json.loads(capsys.readouterr().out)["chunks"]] == [{"step", "bytes"}] * 2
 
 
-def _exit_2(argv, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+def _exit_2(argv, cli_exit) -> str:
+    code, err = cli_exit(argv)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("uqdm: error: ")
     return lines[0]
 
 
-def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, capsys):
+def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, cli_exit):
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     out_png = str(tmp_path / "x.png")
-    assert "cannot read image" in _exit_2(["compress", "--ckpt", str(ckpt), str(not_image), "-o", out_png], capsys)
+    assert "cannot read image" in _exit_2(["compress", "--ckpt", str(ckpt), str(not_image), "-o", out_png], cli_exit)
     corrupt = bytearray(files[0])
     corrupt[len(truncate(files[0], 1)) + 3] ^= 0x40
     (tmp_path / "bad.uqdm").write_bytes(bytes(corrupt))
-    assert "CRC32" in _exit_2(["decompress", "--ckpt", str(ckpt), str(tmp_path / "bad.uqdm"), "-o", out_png], capsys)
+    assert "CRC32" in _exit_2(["decompress", "--ckpt", str(ckpt), str(tmp_path / "bad.uqdm"), "-o", out_png], cli_exit)
     other = tmp_path / "other.ckpt"
     save_checkpoint(lightning_checkpoint(tiny_module(seed=2, n_timesteps=3)), other)
     (tmp_path / "good.uqdm").write_bytes(files[0])
-    message = _exit_2(["decompress", "--ckpt", str(other), str(tmp_path / "good.uqdm"), "-o", out_png], capsys)
+    message = _exit_2(["decompress", "--ckpt", str(other), str(tmp_path / "good.uqdm"), "-o", out_png], cli_exit)
     assert "different model" in message
-    assert "bad magic" in _exit_2(["info", str(not_image)], capsys)
+    assert "bad magic" in _exit_2(["info", str(not_image)], cli_exit)
     two = [str(not_image), str(not_image)]
-    assert "-o takes one input" in _exit_2(["compress", "--ckpt", str(ckpt), *two, "-o", out_png], capsys)
+    assert "-o takes one input" in _exit_2(["compress", "--ckpt", str(ckpt), *two, "-o", out_png], cli_exit)
 
 
 def test_cli_truncated_file_warns(ckpt, files, tmp_path, capsys):

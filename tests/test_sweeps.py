@@ -70,24 +70,18 @@ def dry_run(capsys, *args) -> list[list[str]]:
     return commands
 
 
-def print_config(capsys, monkeypatch, command: list[str]) -> dict:
-    """The config LightningCLI builds from a run's command (`... -m uqdm fit ARGS`)."""
-    assert command[:5] == ["/usr/bin/env", sys.executable, "-m", "uqdm", "fit"]
-    monkeypatch.setattr(sys, "argv", ["uqdm"])  # LightningCLI warns when both argv and args are given
-    with pytest.raises(SystemExit) as exit:
-        main([*command[4:], "--print_config"])
-    assert exit.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+FIT = ["/usr/bin/env", sys.executable, "-m", "uqdm", "fit"]  # how a run's command starts
 
 
-def test_dry_run_steps(capsys, monkeypatch):
+def test_dry_run_steps(capsys, monkeypatch, print_config):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     commands = dry_run(capsys, "sweeps/steps.yaml")
     assert len(commands) == 7
     for steps, command in zip([1, 2, 3, 4, 6, 8, 16], commands):
         assert f"--model.n_timesteps={steps}" in command
-        config = print_config(capsys, monkeypatch, command)
+        assert command[:5] == FIT
+        config = print_config(*command[5:])
         assert config["model"]["n_timesteps"] == steps
         assert config["data"]["class_path"] == "uqdm.data.CIFAR10"
         assert config["trainer"]["logger"]["init_args"]["name"].startswith(f"cifar10-T{steps}-")  # omegaconf+
@@ -96,7 +90,7 @@ def test_dry_run_steps(capsys, monkeypatch):
         assert callbacks[-1] == "uqdm.sweeps.FinalMetrics"
 
 
-def test_dry_run_schedule(capsys, monkeypatch):
+def test_dry_run_schedule(capsys, monkeypatch, print_config):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     commands = dry_run(capsys, "sweeps/schedule.yaml", "--max-runs", "100")
@@ -104,7 +98,8 @@ def test_dry_run_schedule(capsys, monkeypatch):
     expected = [(schedule, prior) for schedule in SCHEDULES for prior in ("logistic", "normal")]
     for (schedule, prior), command in zip(expected, commands):
         assert f"--model={schedule}" in command and f"--model.prior_type={prior}" in command
-        config = print_config(capsys, monkeypatch, command)
+        assert command[:5] == FIT
+        config = print_config(*command[5:])
         model = config["model"]
         assert model["prior_type"] == prior
         assert model["noise_schedule"] == schedule["noise_schedule"]
