@@ -4,6 +4,7 @@ end to end, and the Kodak 64×64 figures of the released tiny weights."""
 
 import csv
 import functools
+import hashlib
 import json
 import math
 import urllib.error
@@ -14,21 +15,23 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import Logger
 from PIL import Image
 from torch.utils.data import DataLoader
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from uqdm import codec
 from uqdm.cli import main
 from uqdm.codec.official import import_official
 from uqdm.evaluation import ProgressiveMetrics, SharedNoise, bd_rate, point_names, progressive_chain
 from uqdm.evaluation.classical import CODECS, sweep
-from uqdm.evaluation.fid import FeatureMoments, frechet_distances
+from uqdm.evaluation.fid import FeatureMoments, fid_protocol, frechet_distances
 from uqdm.evaluation.metrics import ProgressiveScores
+from uqdm.evaluation.perceptual import load_lpips
 from uqdm.evaluation.pipeline import run_chain
-from uqdm.evaluation.report import compressai_files
+from uqdm.evaluation.report import compressai_files, results_table
 from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
 
@@ -207,6 +210,39 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def random_alexnet_weights(tmp_path_factory):
+    """torchvision AlexNet's convolutions with random weights, saved as a state dict (what LPIPS reads)."""
+    path = tmp_path_factory.mktemp("alexnet") / "random-alexnet.pth"
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, path)
+    return path
+
+
+def test_callback_lpips_runs_through_torchmetrics_with_the_weights_option(tmp_path, random_alexnet_weights,
+                                                                        tiny_module):
+    module = tiny_module(n_timesteps=1)
+    recording = RecordingLogger()
+    callback = ProgressiveMetrics(lpips=True, lpips_weights=str(random_alexnet_weights), num_images_grid=0)
+    _, val = loaders(n=2, size=32)
+    trainer(tmp_path, callback, [recording]).validate(module, val)
+    lpips = {k: v for k, v in recording.metrics[-1].items() if k.startswith("val/lpips/")}
+    assert set(lpips) == {"val/lpips/denoise/z1", "val/lpips/denoise/step_1"}
+    assert all(math.isfinite(v) and v > 0 for v in lpips.values())
+    columns, _ = recording.tables["val/rd_table"]
+    assert "lpips/denoise" in columns
+    # the same pictures give 0; images too small for AlexNet: LPIPS off with one warning
+    network = load_lpips(random_alexnet_weights)
+    x = random_images(2, 32)
+    assert network(x, x).tolist() == [0.0, 0.0] and torch.all(network(x, random_images(2, 32, seed=1)) > 0)
+    small = ProgressiveMetrics(lpips=True, lpips_weights=str(random_alexnet_weights), num_images_grid=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, small, [recording]).validate(module, loaders(n=2, size=8)[1])
+    assert len([w for w in caught if "LPIPS is off" in str(w.message)]) == 1
+    assert not any("lpips" in k for k in recording.metrics[-1])
+
+
 def test_callback_fid_runs_through_torchmetrics_with_the_weights_option(tmp_path, random_inception_weights, tiny_module):
     module = tiny_module(n_timesteps=1)
     recording = RecordingLogger()
@@ -231,18 +267,33 @@ def test_frechet_distance_matches_the_closed_form_of_a_scaled_copy():
         pytest.approx(expected, rel=1e-6), pytest.approx(0.0, abs=1e-6), None]  # one image: no FID
 
 
-def test_offline_without_weights_fid_is_off_with_one_warning(tmp_path, monkeypatch, tiny_module):
+def test_fid_protocol_names_the_sets_the_network_and_the_weights(tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    protocol = fid_protocol(24, weights)
+    assert protocol["images"] == 24 and "24 prepared images against their 24 reconstructions" in protocol["sets"]
+    assert "2048 pool features" in protocol["network"] and "paper's FID on 10,000 images" in protocol["comparable"]
+    assert protocol["weights"] == {"file": "inception.pth", "url": URL_INCEPTION_V3,
+                                   "sha256": hashlib.sha256(b"weights").hexdigest()}
+    point = {"name": "z1", "bpp_ideal": 0.0, "bpp_file": 0.1, "psnr": {"denoise": 20.0}, "fid": {"denoise": 99.0}}
+    printed = results_table({"uqdm": {"points": [point]}, "bd_rate": {}, "fid_protocol": protocol})
+    assert "fid/denoise" in printed and "FID compares only with FIDs on the same 24 images" in printed
+
+
+def test_offline_without_weights_fid_and_lpips_are_off_with_one_warning_each(tmp_path, monkeypatch, tiny_module):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    callback = ProgressiveMetrics(fid=True, fid_weights=str(tmp_path / "missing.pth"))
+    callback = ProgressiveMetrics(fid=True, fid_weights=str(tmp_path / "missing.pth"), lpips=True,
+                                  lpips_weights=str(tmp_path / "missing-alexnet.pth"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callback.setup(None, tiny_module(n_timesteps=1), "validate")
-    messages = [str(w.message) for w in caught if "FID is off" in str(w.message)]
-    assert len(messages) == 1 and "missing.pth" in messages[0]
-    assert callback.scores.inception is None
+    for metric, file in (("FID", "missing.pth"), ("LPIPS", "missing-alexnet.pth")):
+        messages = [str(w.message) for w in caught if f"{metric} is off" in str(w.message)]
+        assert len(messages) == 1 and file in messages[0]
+    assert callback.scores.inception is None and callback.scores.lpips is None
 
 
 # --- `uqdm evaluate` -----------------------------------------------------------------------------
@@ -254,7 +305,7 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
     out = tmp_path / "out"
     main(["evaluate", "--ckpt", str(ckpt), "--images", str(folder), "--methods", "denoise,ancestral",
-          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv")])
+          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv"), "--lpips"])
     printed = capsys.readouterr().out
     assert "step_2" in printed and "BD-rate of UQDM" in printed and "rows.csv" in printed
 
@@ -267,13 +318,15 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
     assert all(r > i for r, i in zip(real, ideal))  # header and coder overhead
     assert results["uqdm"]["nelbo_bpp"] == ideal[-1]
     assert set(points[1]["psnr"]) == {"denoise", "ancestral"} and points[-1]["psnr"]["denoise"] is None
-    assert all(p["fid"] is None for p in points)
+    assert all(p["fid"] is None and p["lpips"] is None for p in points) and results["fid_protocol"] is None
+    assert [w for w in results["warnings"] if w.startswith("LPIPS is off: the smallest image has a 16 px side")]
     assert set(results["codecs"]) == {"jpeg", "webp"} and set(results["bd_rate"]) == {"jpeg", "webp"}
     assert {"quality", "bpp", "psnr"} <= set(results["codecs"]["jpeg"][0])
 
     # times per image: the encoder codes chunk after chunk, the denoise decoder shows point after point
     encoding, decoding = [p["encoding_time"] for p in points], [p["decoding_time"] for p in points]
-    assert all(0 < a < b for a, b in zip(encoding, encoding[1:])) and all(0 < a < b for a, b in zip(decoding, decoding[1:]))
+    assert all(0 < a < b for a, b in zip(encoding, encoding[1:]))
+    assert all(0 < a < b for a, b in zip(decoding, decoding[1:]))
     assert all(q["encoding_time"] > 0 and q["decoding_time"] > 0 for q in results["codecs"]["jpeg"])
 
     # per-image rows: every image, method and point of UQDM, every image and quality of each codec
@@ -308,7 +361,8 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
         with pytest.raises(ValueError, match='"ms-ssim-rgb" not available'):  # SSIM is not passed off as MS-SSIM
             compressai_plot_reads(path, "ms-ssim")
         timed = curve["results"]
-        assert len(timed["encoding_time"]) == len(read["xs"]) and ("decoding_time" in timed) == (stem != "uqdm-ancestral")
+        assert len(timed["encoding_time"]) == len(read["xs"])
+        assert ("decoding_time" in timed) == (stem != "uqdm-ancestral")
     assert compressai_plot_reads(files["uqdm-denoise"])["xs"] == real[:-1]
 
     # `uqdm plot` overlays the run's results.json with its own CompressAI files: the same curves
@@ -329,15 +383,24 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
         assert torch.equal(codec.decompress(module, data).image, image)
 
 
-def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, capsys):
-    array = random_images(2, 24).permute(0, 2, 3, 1).numpy()[:, :, :20]  # N×H×W×3, 24×20
+def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, capsys, random_alexnet_weights):
+    array = random_images(2, 40).permute(0, 2, 3, 1).numpy()[:, :, :36]  # N×H×W×3, 40×36
     np.save(tmp_path / "images.npy", array)
     out = tmp_path / "out"
-    main(["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--size", "8",
-          "--methods", "flow_based", "--codecs", "none", "--out", str(out)])
+    main(["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--size", "32",
+          "--methods", "flow_based", "--codecs", "none", "--tile", "32", "--out", str(out), "--no-decode",
+          "--lpips", "--lpips-weights", str(random_alexnet_weights)])
+    printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert results["size"] == 8 and results["codecs"] == {} and results["bd_rate"] == {}
+    assert results["size"] == 32 and results["codecs"] == {} and results["bd_rate"] == {}
     assert len(list((out / "files").iterdir())) == 2
+    # LPIPS per point and per image
+    points = results["uqdm"]["points"]
+    assert all(p["lpips"]["flow_based"] > 0 for p in points[:-1]) and points[-1]["lpips"]["flow_based"] is None
+    rows = [r for r in results["per_image"] if r["point"] == "step_1"]
+    assert np.mean([r["lpips"] for r in rows]) == pytest.approx(points[1]["lpips"]["flow_based"], rel=1e-5)
+    assert all(p["decoding_time"] is None for p in points) and all(r["decoding_time"] is None for r in rows)
+    assert "lpips/flow_based" in printed
 
     for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"]):
         args = ["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--out", str(out)]

@@ -12,11 +12,14 @@ from torchvision.utils import make_grid
 
 from uqdm.diffusion import RECONSTRUCTIONS
 
-from .fid import FIDUnavailable, load_inception
+from .fid import load_inception
 from .metrics import ProgressiveScores
+from .perceptual import load_lpips
 from .plots import figure_array, rd_figure
 from .progressive import SharedNoise, point_names, progressive_chain
+from .quality import LPIPS_MIN_SIDE
 from .report import rd_table, uqdm_curves
+from .weights import WeightsUnavailable
 
 
 class ProgressiveMetrics(Callback):
@@ -25,14 +28,17 @@ class ProgressiveMetrics(Callback):
 
     Logs, per truncation point (`z1`, `step_1` … `step_T`, `lossless`): `<stage>/bpp/<point>`
     (cumulative ideal bits per pixel) and, per reconstruction method and lossy point,
-    `<stage>/psnr/<method>/<point>` (mean of per-image PSNR, dB) and `<stage>/fid/<method>/<point>`.
+    `<stage>/psnr/<method>/<point>` (mean of per-image PSNR, dB), `<stage>/lpips/<method>/<point>`
+    and `<stage>/fid/<method>/<point>`.
     The states are torchmetrics sums, so they synchronise across processes. On rank zero it also
     logs an RD table, an RD plot and, per method, a grid of the progressive reconstructions of the
     first `num_images_grid` images (rows: images; columns: points) — through the logger's
     `log_table` / `log_image` when it has them (W&B), else as CSV/PNG files in its `log_dir`.
 
-    FID uses torch-fidelity's Inception-v3 with the weights at `fid_weights` (downloaded there on
-    first use; default: the torch.hub cache). Offline without weights it warns once and FID is off.
+    FID uses torch-fidelity's Inception-v3 with the weights at `fid_weights`, LPIPS torchmetrics'
+    AlexNet LPIPS with torchvision's AlexNet weights at `lpips_weights` (each downloaded there on
+    first use; default: the torch.hub cache). Offline without its weights, a metric warns once and
+    is off; LPIPS is also off, with one warning, on images under 31 px a side.
     Dithers and z_1 are seeded per batch from `seed`, so epochs compare.
     """
 
@@ -42,6 +48,8 @@ class ProgressiveMetrics(Callback):
         methods: tuple[str, ...] = ("denoise",),
         fid: bool = False,
         fid_weights: str | None = None,
+        lpips: bool = False,
+        lpips_weights: str | None = None,
         num_images_grid: int = 4,
         seed: int = 0,
     ):
@@ -54,6 +62,8 @@ class ProgressiveMetrics(Callback):
         self.methods = list(methods)
         self.fid = fid
         self.fid_weights = fid_weights
+        self.lpips = lpips
+        self.lpips_weights = lpips_weights
         self.num_images_grid = num_images_grid
         self.seed = seed
         self.scores: ProgressiveScores | None = None
@@ -63,14 +73,19 @@ class ProgressiveMetrics(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.scores is not None:
             return
-        inception = None
-        if self.fid:
-            try:
-                inception = load_inception(self.fid_weights)
-            except FIDUnavailable as e:
-                rank_zero_warn(str(e))
+        inception = self._optional(load_inception, self.fid_weights) if self.fid else None
+        lpips = self._optional(load_lpips, self.lpips_weights) if self.lpips else None
         points = len(point_names(pl_module.model.n_timesteps))
-        self.scores = ProgressiveScores(points, self.methods, inception=inception)
+        self.scores = ProgressiveScores(points, self.methods, inception=inception, lpips=lpips)
+
+    @staticmethod
+    def _optional(load, weights):
+        """`load(weights)`, or None with one warning when the weights are unavailable."""
+        try:
+            return load(weights)
+        except WeightsUnavailable as e:
+            rank_zero_warn(str(e))
+            return None
 
     # --- the three moments of an evaluation loop, shared by validation and test -------------------
     def _start(self, trainer: Trainer, pl_module: LightningModule, active: bool) -> None:
@@ -101,6 +116,9 @@ class ProgressiveMetrics(Callback):
             return
         self.active = False
         names = point_names(pl_module.model.n_timesteps)
+        if self.scores.lpips_skipped:
+            rank_zero_warn(f"LPIPS is off: images under {LPIPS_MIN_SIDE} px a side are too small for AlexNet")
+            self.scores.lpips = self.scores.lpips_net = None
         results = self.scores.compute()
         # The values are already global (synchronised states); sync_dist only keeps Lightning from
         # warning, averaging identical numbers.
@@ -147,10 +165,10 @@ class ProgressiveMetrics(Callback):
 
 
 def _scalars(stage: str, names: list[str], results: dict) -> dict[str, float]:
-    """`stage/bpp/<point>`, `stage/psnr/<method>/<point>`, `stage/fid/<method>/<point>` (values
-    that exist: the exact last point has no PSNR or FID)."""
+    """`stage/bpp/<point>`, and `stage/<kind>/<method>/<point>` for PSNR, LPIPS and FID (values that
+    exist: the exact last point has none)."""
     out = {f"{stage}/bpp/{p}": v for p, v in zip(names, results["bpp"]) if v is not None}
-    for kind in ("psnr", "fid"):
+    for kind in ("psnr", "lpips", "fid"):
         for method, values in (results[kind] or {}).items():
             out.update({f"{stage}/{kind}/{method}/{p}": v for p, v in zip(names, values) if v is not None})
     return out

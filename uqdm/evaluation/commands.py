@@ -14,10 +14,13 @@ from uqdm.atomic import write_atomic
 from uqdm.images import box_resize_center_crop, load_images
 
 from .classical import CODECS
-from .fid import FIDUnavailable, load_inception
+from .fid import fid_protocol, inception_weights, load_inception
+from .perceptual import load_lpips
 from .pipeline import evaluate
+from .quality import LPIPS_MIN_SIDE
 from .report import results_table, write_outputs
 from .rows import write_csv
+from .weights import WeightsUnavailable
 
 
 def _names(allowed: tuple[str, ...], empty: str | None = None):
@@ -40,7 +43,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="progressive rate-distortion of a checkpoint next to classical codecs",
-        description="PSNR and SSIM (and optionally FID) at every truncation point of UQDM, ideal and "
+        description="PSNR and SSIM (and optionally LPIPS and FID) at every truncation point of UQDM, ideal and "
         "real-file bits per pixel, encoding and decoding times, the classical codecs on the same images, "
         "and BD-rates. Writes DIR/results.json (means and per-image rows), DIR/rd.png, DIR/compressai/*.json "
         "and the .uqdm files in DIR/files/, and prints a table.",
@@ -55,8 +58,13 @@ def register(subparsers) -> None:
                    help=f"reconstructions, comma-separated (default: {','.join(RECONSTRUCTIONS)})")
     p.add_argument("--codecs", type=_names(tuple(CODECS), empty="none"), metavar="C[,C...]", default=list(CODECS),
                    help=f"classical codecs, comma-separated, or none (default: {','.join(CODECS)})")
-    p.add_argument("--fid", action="store_true", help="also FID at every lossy point (needs the Inception weights)")
+    p.add_argument("--fid", action="store_true", help="also FID at every lossy point (needs the Inception weights; "
+                   "the protocol is written to results.json: FID on a few images compares only with itself)")
     p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file; downloaded there on first use "
+                   "(default: the torch.hub cache)")
+    p.add_argument("--lpips", action="store_true", help="also LPIPS (AlexNet) at every lossy point, per image "
+                   f"(images of at least {LPIPS_MIN_SIDE} px a side; needs torchvision's AlexNet weights)")
+    p.add_argument("--lpips-weights", metavar="FILE", help="AlexNet weights file; downloaded there on first use "
                    "(default: the torch.hub cache)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the shared draws: image n is coded with seed N + n (default 0)")
@@ -92,13 +100,28 @@ def run(args) -> None:
     named = load_images(args.images)
     images = [box_resize_center_crop(im, args.size) if args.size else im for _, im in named]
     warnings = []
-    inception = None
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        print(f"uqdm: warning: {message}", file=sys.stderr)
+
+    inception, protocol, lpips = None, None, None
     if args.fid:
         try:
-            inception = load_inception(args.fid_weights)
-        except FIDUnavailable as e:
-            warnings.append(str(e))
-            print(f"uqdm: warning: {e}", file=sys.stderr)
+            weights = inception_weights(args.fid_weights)
+            inception, protocol = load_inception(weights), fid_protocol(len(images), weights)
+        except WeightsUnavailable as e:
+            warn(str(e))
+    if args.lpips:
+        small = min(min(image.shape[-2:]) for image in images)
+        if small < LPIPS_MIN_SIDE:
+            warn(f"LPIPS is off: the smallest image has a {small} px side, under the {LPIPS_MIN_SIDE} px "
+                 "that AlexNet's features need")
+        else:
+            try:
+                lpips = load_lpips(args.lpips_weights)
+            except WeightsUnavailable as e:
+                warn(str(e))
     bars = []
 
     def progress(description: str, total: int, unit: str):
@@ -109,12 +132,14 @@ def run(args) -> None:
 
     try:
         results, files = evaluate(module, images, names=[name for name, _ in named], methods=args.methods,
-                                  codecs=args.codecs, inception=inception, seed=args.seed, tile=args.tile,
-                                  batch_size=args.batch_size, size=args.size, decode=args.decode, progress=progress)
+                                  codecs=args.codecs, inception=inception, lpips=lpips, seed=args.seed,
+                                  tile=args.tile, batch_size=args.batch_size, size=args.size, decode=args.decode,
+                                  progress=progress)
     finally:
         for bar in bars:
             bar.close()
     results["warnings"] = warnings + results["warnings"]
+    results["fid_protocol"] = protocol
     out = Path(args.out)
     for (name, _), data in zip(named, files):
         write_atomic(out / "files" / Path(name).with_suffix(".uqdm"), data)

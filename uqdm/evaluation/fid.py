@@ -6,6 +6,7 @@ across processes), so measuring many curves costs neither repeated real features
 square roots of the real covariance.
 """
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,44 +18,55 @@ from torchmetrics.image.fid import NoTrainInceptionV3
 
 from uqdm.checkpoints import safe_load
 
+from .weights import fetch_weights
+
 FEATURES = 2048  # the pool features FID is defined on
 Moments = tuple[Tensor, Tensor]  # mean and covariance of features
 
 
-class FIDUnavailable(Exception):
-    """The Inception weights can be neither found nor downloaded."""
+def inception_weights(weights: str | os.PathLike | None = None) -> Path:
+    """The FID Inception weights file: `weights`, fetched from torch-fidelity's release into that
+    path on first use (default: the torch.hub cache, see `weights.fetch_weights`).
 
-
-def default_weights_path() -> Path:
-    """Where torch.hub caches downloads (`$TORCH_HOME/hub/checkpoints`), under the release's file name."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    Raises:
+        WeightsUnavailable: the file is absent and cannot be downloaded (offline): FID is off.
+    """
+    return fetch_weights(URL_INCEPTION_V3, weights, "FID", "the FID weights option")
 
 
 def load_inception(weights: str | os.PathLike | None = None) -> nn.Module:
-    """torch-fidelity's FID Inception-v3 (uint8 B×3×H×W in, resized to 299² inside; 2048 features out).
-
-    `weights` is a state-dict file, fetched from torch-fidelity's release into that path on first
-    use (default: `default_weights_path()`). The file is checked to hold tensors only before
-    torch-fidelity loads it.
+    """torch-fidelity's FID Inception-v3 (uint8 B×3×H×W in, resized to 299² inside; 2048 features
+    out) with the weights of `inception_weights(weights)`, checked to hold tensors only before
+    torch-fidelity loads them.
 
     Raises:
-        FIDUnavailable: the file is absent and cannot be downloaded (offline).
+        WeightsUnavailable: the file is absent and cannot be downloaded (offline): FID is off.
         UQDMError: the file is not a plain state dict.
     """
-    path = Path(weights) if weights is not None else default_weights_path()
-    if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, os.fspath(path), progress=False)
-        except Exception as e:  # offline, proxy, permissions: all mean "no FID this time"
-            raise FIDUnavailable(
-                f"FID is off: no Inception weights at {path} and downloading them failed "
-                f"({type(e).__name__}: {e}); put torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[-1]} there "
-                "or pass its path as the FID weights option"
-            ) from e
+    path = inception_weights(weights)
     safe_load(path)  # refuses anything but tensors (torch-fidelity itself unpickles freely)
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FEATURES)],
                               feature_extractor_weights_path=os.fspath(path))
+
+
+def fid_protocol(n_images: int, weights: str | os.PathLike) -> dict:
+    """What an FID figure of `uqdm evaluate` is: the sets, the network and its weights file (name
+    and SHA-256), and why it does not compare with FIDs on thousands of images."""
+    weights = Path(weights)
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "images": n_images,
+        "sets": f"the {n_images} prepared images against their {n_images} reconstructions at each point, per method",
+        "network": f"torch-fidelity's FID Inception-v3 (inception-v3-compat), {FEATURES} pool features, "
+                   "pictures resized to 299x299 inside",
+        "weights": {"file": weights.name, "sha256": digest.hexdigest(), "url": URL_INCEPTION_V3},
+        "comparable": f"only with FIDs on the same {n_images} images: with fewer images than features the "
+                      "estimate is strongly biased upwards, so it cannot be compared with the paper's FID "
+                      "on 10,000 images",
+    }
 
 
 class FeatureMoments(Metric):

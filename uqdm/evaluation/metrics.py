@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from .fid import FeatureMoments, frechet_distances
-from .quality import psnr_per_image, ssim_per_image
+from .quality import LPIPS_MIN_SIDE, psnr_per_image, ssim_per_image
 
 
 def _means(n: int) -> nn.ModuleList:
@@ -31,7 +31,9 @@ class ProgressiveScores(nn.Module):
 
     `bpp[j]`: mean cumulative bits per pixel; per method, at each lossy point (the last point is
     exact and gets no distortion): `psnr` (mean of per-image PSNR over the images that are not
-    exact), optionally `ssim` of the kind given ("ssim" or "ms-ssim", see `quality.ssim_kind`) and
+    exact), optionally `ssim` of the kind given ("ssim" or "ms-ssim", see `quality.ssim_kind`),
+    `lpips` when an LPIPS network is given (`perceptual.load_lpips`; measured on images of at least
+    `quality.LPIPS_MIN_SIDE` px a side only: smaller batches are left out, see `lpips_skipped`) and
     FID when an Inception network is given (see `fid.load_inception`).
 
     With `per_image`, it also keeps each image's figures in `per_image`, in the order seen (one
@@ -39,7 +41,7 @@ class ProgressiveScores(nn.Module):
     """
 
     def __init__(self, n_points: int, methods, ssim: str | None = None, inception: nn.Module | None = None,
-                 per_image: bool = False):
+                 lpips: nn.Module | None = None, per_image: bool = False):
         super().__init__()
         self.methods = list(methods)
         self.per_image: list[dict] | None = [] if per_image else None
@@ -48,6 +50,9 @@ class ProgressiveScores(nn.Module):
         self.psnr = nn.ModuleDict({m: _means(lossy) for m in self.methods})
         self.ssim_kind = ssim
         self.ssim = nn.ModuleDict({m: _means(lossy) for m in self.methods}) if ssim else None
+        self.lpips_net = lpips
+        self.lpips = nn.ModuleDict({m: _means(lossy) for m in self.methods}) if lpips is not None else None
+        self.lpips_skipped = 0  # images too small for LPIPS
         self.inception = inception
         self.real = FeatureMoments() if inception is not None else None
         self.fake = (
@@ -72,7 +77,10 @@ class ProgressiveScores(nn.Module):
             metric.update(values)
         if self.inception is not None:
             self.real.update(self.inception(images))
-        kinds = ["psnr", *(["ssim"] if self.ssim is not None else [])]
+        lpips = self.lpips is not None and min(images.shape[-2:]) >= LPIPS_MIN_SIDE
+        if self.lpips is not None and not lpips:
+            self.lpips_skipped += len(images)
+        kinds = ["psnr", *(["ssim"] if self.ssim is not None else []), *(["lpips"] if lpips else [])]
         measured = {kind: {m: [] for m in self.methods} for kind in kinds}  # per point: B values
         for m in self.methods:
             for j, picture in enumerate(pictures[m][:-1]):
@@ -85,6 +93,10 @@ class ProgressiveScores(nn.Module):
                     ssim = ssim_per_image(picture, images, self.ssim_kind)
                     self.ssim[m][j].update(ssim)
                     measured["ssim"][m].append(ssim)
+                if lpips:
+                    distance = self.lpips_net(picture, images)
+                    self.lpips[m][j].update(distance)
+                    measured["lpips"][m].append(distance)
                 if self.inception is not None:
                     self.fake[m][j].update(self.inception(picture))
         if self.per_image is not None:
@@ -93,7 +105,8 @@ class ProgressiveScores(nn.Module):
     def _keep_per_image(self, bpp: Tensor, measured: dict[str, dict[str, list[Tensor]]]) -> None:
         """One entry per image: `{"bpp": [per point], kind: {method: [per point, None last]}}`."""
         as_lists = lambda values: torch.stack(values, dim=1).tolist() if values else [[] for _ in bpp]
-        columns = {kind: {m: as_lists(values) for m, values in per_method.items()} for kind, per_method in measured.items()}
+        columns = {kind: {m: as_lists(values) for m, values in per_method.items()}
+                   for kind, per_method in measured.items()}
         for b, row in enumerate(bpp.tolist()):
             entry = {"bpp": row}
             for kind, per_method in columns.items():
@@ -101,13 +114,15 @@ class ProgressiveScores(nn.Module):
             self.per_image.append(entry)
 
     def compute(self) -> dict:
-        """`{"bpp": [...], "psnr": {method: [..., None]}, "ssim": {...} | None, "fid": {...} | None}`;
-        lists have one entry per point, None for the exact last point and where there is no data."""
+        """`{"bpp": [...], "psnr": {method: [..., None]}, "ssim": {...} | None, "lpips": {...} | None,
+        "fid": {...} | None}`; lists have one entry per point, None for the exact last point and
+        where there is no data."""
         per_method = lambda metrics: {m: [_value(x) for x in metrics[m]] + [None] for m in self.methods}
         return {
             "bpp": [_value(x) for x in self.bpp],
             "psnr": per_method(self.psnr),
             "ssim": per_method(self.ssim) if self.ssim is not None else None,
+            "lpips": per_method(self.lpips) if self.lpips is not None else None,
             "fid": self._fid() if self.inception is not None else None,
         }
 
@@ -122,3 +137,4 @@ class ProgressiveScores(nn.Module):
                 metric.reset()
         if self.per_image is not None:
             self.per_image.clear()
+        self.lpips_skipped = 0

@@ -150,6 +150,7 @@ def evaluate(
     methods: Sequence[str] = ("denoise",),
     codecs: Sequence[str] = tuple(CODECS),
     inception: nn.Module | None = None,
+    lpips: nn.Module | None = None,
     seed: int = 0,
     tile: int = 64,
     batch_size: int = 32,
@@ -160,14 +161,15 @@ def evaluate(
     """Everything `results.json` holds, and the `.uqdm` files.
 
     `{"images", "size", "tile", "seed", "ssim_metric", "uqdm": {"nelbo_bpp", "points": [{"point",
-    "name", "bpp_ideal", "bpp_file", "psnr": {method: dB}, "ssim": {...}, "fid": {...} | None,
-    "encoding_time", "decoding_time"}]}, "codecs": {name: [{"quality", "bpp", "psnr", "ssim",
+    "name", "bpp_ideal", "bpp_file", "psnr": {method: dB}, "ssim": {...}, "lpips": {...} | None,
+    "fid": {...} | None, "encoding_time", "decoding_time"}]}, "codecs": {name: [{"quality", "bpp", "psnr", "ssim",
     "encoding_time", "decoding_time"}]}, "codec_settings": {name: knob}, "bd_rate": {name: %},
     "per_image": [row, ...], "warnings": [...], "time_s": {...}}`. Means are over images; bpp are
     cumulative bits per pixel; PSNR is None where every image is exact; `nelbo_bpp` is the NELBO
     on the transmitted latents, i.e. the ideal lossless bpp; times are seconds per image (UQDM's
     decoding time: the denoise decoder's, None without `decode`); `per_image` holds one row per
     image, curve and point (`rows`), images named by `names` (default: their index).
+    `lpips` (`perceptual.load_lpips`) and `inception` (`fid.load_inception`) add LPIPS and FID.
     `decode` decodes every file again, timed, and warns about any that is not its image.
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
@@ -175,7 +177,8 @@ def evaluate(
     points_named = point_names(module.model.n_timesteps)
     kind = ssim_kind(images)
     device = next(module.parameters()).device
-    scores = ProgressiveScores(len(points_named), methods, ssim=kind, inception=inception, per_image=True).to(device)
+    scores = ProgressiveScores(len(points_named), methods, ssim=kind, inception=inception, lpips=lpips,
+                               per_image=True).to(device)
     times = {}
     start = time.perf_counter()
     run_chain(module.model.eval(), images, scores, seed=seed, tile=tile, batch_size=batch_size,
@@ -183,8 +186,8 @@ def evaluate(
     s = scores.compute()
     times["uqdm_chain"] = time.perf_counter() - start
     start = time.perf_counter()
-    files, file_bpp, encoding_time = compress_each(
-        module, images, seed=seed, tile=tile, progress=progress("UQDM files", len(images), "image") if progress else None)
+    bar = progress("UQDM files", len(images), "image") if progress else None
+    files, file_bpp, encoding_time = compress_each(module, images, seed=seed, tile=tile, progress=bar)
     times["uqdm_files"] = time.perf_counter() - start
     warnings, decoding_time = [], None
     if decode:
@@ -201,6 +204,7 @@ def evaluate(
             "bpp_file": mean(file_bpp, j),
             "psnr": {m: s["psnr"][m][j] for m in methods},
             "ssim": {m: s["ssim"][m][j] for m in methods},
+            "lpips": {m: s["lpips"][m][j] for m in methods} if s["lpips"] else None,
             "fid": {m: s["fid"][m][j] for m in methods} if s["fid"] else None,
             "encoding_time": mean(encoding_time, j),
             "decoding_time": mean(decoding_time, j) if decode else None,

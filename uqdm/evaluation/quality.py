@@ -11,6 +11,8 @@ from torchmetrics.functional.image import (
 
 # MS-SSIM's five scales with an 11-pixel window need a short side above (11 − 1)·2⁴ = 160.
 MS_SSIM_MIN_SIDE = 161
+# LPIPS's AlexNet strides and pools leave nothing of a picture whose shorter side is under 31 px.
+LPIPS_MIN_SIDE = 31
 
 
 def psnr_per_image(pictures: Tensor, images: Tensor) -> Tensor:

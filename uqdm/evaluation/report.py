@@ -27,9 +27,10 @@ def uqdm_curves(bpp: list, psnr: dict[str, list]) -> dict[str, tuple[list, list]
 
 
 def rd_table(names: list[str], scores: dict) -> tuple[list[str], list[list]]:
-    """Columns and rows (one per truncation point) of bpp and of PSNR and FID per method, from
-    `metrics.ProgressiveScores.compute()`."""
-    per_method = [(kind, m, values) for kind in ("psnr", "fid") for m, values in (scores[kind] or {}).items()]
+    """Columns and rows (one per truncation point) of bpp and of PSNR, LPIPS and FID per method
+    (those measured), from `metrics.ProgressiveScores.compute()`."""
+    per_method = [(kind, m, values) for kind in ("psnr", "lpips", "fid")
+                  for m, values in (scores[kind] or {}).items()]
     columns = ["point", "bpp", *(f"{kind}/{m}" for kind, m, _ in per_method)]
     rows = [[name, scores["bpp"][j], *(values[j] for _, _, values in per_method)] for j, name in enumerate(names)]
     return columns, rows
@@ -45,11 +46,11 @@ def format_table(columns: list[str], rows: list[list]) -> str:
 
 
 def results_table(results: dict) -> str:
-    """The printed summary of `results.json`: UQDM per point (FID when measured), then each
-    codec's BD-rate."""
+    """The printed summary of `results.json`: UQDM per point (LPIPS and FID when measured), then
+    each codec's BD-rate, and what the FID figures compare with."""
     points = results["uqdm"]["points"]
     methods = list(points[0]["psnr"])
-    kinds = ["psnr", "fid"] if points[0]["fid"] is not None else ["psnr"]
+    kinds = [kind for kind in ("psnr", "lpips", "fid") if points[0].get(kind) is not None]
     columns = ["point", "bpp_ideal", "bpp_file", *(f"{k}/{m}" for k in kinds for m in methods)]
     rows = [[p["name"], p["bpp_ideal"], p["bpp_file"], *(p[k][m] for k in kinds for m in methods)] for p in points]
     text = format_table(columns, rows)
@@ -57,6 +58,8 @@ def results_table(results: dict) -> str:
         rates = ", ".join(f"{codec_label(c)} {'-' if v is None else f'{v:+.1f}%'}"
                           for c, v in results["bd_rate"].items())
         text += f"\nBD-rate of UQDM (denoise, real files) against: {rates}"
+    if results.get("fid_protocol"):
+        text += f"\nFID compares {results['fid_protocol']['comparable']} (fid_protocol in results.json)"
     return text
 
 
