@@ -1,5 +1,6 @@
-"""Fixtures shared by the tests: the shared data folder, the tiny module and its checkpoint,
-one-thread running."""
+"""Fixtures shared by the tests: the shared data folder and what is made of it (released weights,
+Kodak 64×64), the tiny module, its diffusion model and its checkpoint, one-thread running, and the
+command line run in-process."""
 
 import os
 import sys
@@ -12,6 +13,7 @@ import yaml
 from uqdm.cli import main
 from uqdm.codec import import_official, save_checkpoint
 from uqdm.codec.fuzz import TINY, save_module, tiny_module as build_tiny_module
+from uqdm.diffusion import UQDM, GaussianDiffusion
 from uqdm.images import box_resize_center_crop, load_image
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
@@ -65,6 +67,23 @@ def tiny_module():
     """`tiny_module(seed=0, **hparams)`: the tiny module with perturbed random weights (non-trivial
     tables), the one `scripts/fuzz_decoder.py` builds (`uqdm.codec.fuzz.tiny_module`)."""
     return build_tiny_module
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_module):
+    """`tiny_model(cls=UQDM, prior_type=None, base_prior_scale, clip, T=3)`: the tiny module's
+    diffusion model alone, in float64, on γ from −8 to 5 (prior_type: normal for Gaussian
+    diffusion, else logistic)."""
+
+    def build(cls=UQDM, prior_type=None, base_prior_scale="forward_kernel", clip=True, T=3):
+        gaussian = cls is GaussianDiffusion
+        module = tiny_module(n_timesteps=T, diffusion="gaussian" if gaussian else "uniform",
+                             prior_type=prior_type or ("normal" if gaussian else "logistic"),
+                             base_prior_scale=base_prior_scale, clip_prior_mean=clip, gamma_min=-8.0, gamma_max=5.0)
+        assert type(module.model) is cls
+        return module.model.double()
+
+    return build
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,6 @@ from uqdm.schedules import make_schedule
 D = torch.float64
 
 
-@pytest.fixture
-def tiny_model(tiny_module):
-    """`tiny_model(cls, prior_type, base_prior_scale, clip, T)`: the tiny module's diffusion model
-    (embedding 16, γ from −8 to 5, random weights everywhere so the heads are not the zero-init
-    identity) in float64."""
-
-    def build(cls=UQDM, prior_type="logistic", base_prior_scale="forward_kernel", clip=True, T=3):
-        module = tiny_module(n_timesteps=T, diffusion="gaussian" if cls is GaussianDiffusion else "uniform",
-                             prior_type=prior_type, base_prior_scale=base_prior_scale, clip_prior_mean=clip,
-                             embedding_dim=16, gamma_min=-8.0, gamma_max=5.0)
-        assert type(module.model) is cls
-        return module.model.double()
-
-    return build
-
-
 def naive_prior_log_mass(z, mean, std, delta, prior_type):
     """log ∫ g(z − μ − v) dv over |v| < Δ/2, by the plain CDF difference in float64."""
     x = z - mean

@@ -9,20 +9,9 @@ from scipy.stats import ks_2samp
 
 from uqdm.diffusion import GaussianDiffusion, UQDM, to_centered
 from uqdm.estimators import ForwardMarginals, nelbo, one_step_nelbo, stratified_steps
-from uqdm.network import ScoreNetwork
-from uqdm.schedules import alpha_sigma, make_schedule
+from uqdm.schedules import alpha_sigma
 
 D = torch.float64
-
-
-def small_model(cls=UQDM, T=4):
-    """A float64 model with random weights (so the heads are not the zero-init identity)."""
-    torch.manual_seed(0)
-    net = ScoreNetwork(embedding_dim=8, n_blocks=1, norm_groups=4)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    schedule = make_schedule("learned_linear", -8.0, 5.0)
-    return cls(net, schedule, n_timesteps=T, prior_type="normal" if cls is GaussianDiffusion else "logistic").double()
 
 
 def chain_latents(model, x):
@@ -37,8 +26,8 @@ def chain_latents(model, x):
 
 
 @pytest.mark.parametrize("T", [1, 3, 8])
-def test_closed_form_coefficients_match_the_unrolled_recursion(T):
-    model = small_model(T=T)
+def test_closed_form_coefficients_match_the_unrolled_recursion(T, tiny_model):
+    model = tiny_model(T=T)
     m = ForwardMarginals.of(model)
     alpha_1, sigma_1 = alpha_sigma(model.gamma_at(1.0))
     A, c, P = [alpha_1], [sigma_1], [torch.zeros(T, dtype=D)]  # coefficients of x, ε and n_j in z_{t_i}
@@ -59,9 +48,9 @@ def test_closed_form_coefficients_match_the_unrolled_recursion(T):
 
 
 @pytest.mark.parametrize("cls", [UQDM, GaussianDiffusion])
-def test_direct_samples_have_the_chains_distribution_at_every_step(cls):
+def test_direct_samples_have_the_chains_distribution_at_every_step(cls, tiny_model):
     T, n = 4, 3000
-    model = small_model(cls, T=T)
+    model = tiny_model(cls, T=T)
     x = to_centered(torch.randint(0, 256, (1, 3, 4, 4), generator=torch.Generator().manual_seed(1))).to(D)
     x = x.expand(n, -1, -1, -1)
     m = ForwardMarginals.of(model)
@@ -83,10 +72,10 @@ def test_direct_samples_have_the_chains_distribution_at_every_step(cls):
             assert ks_2samp(a.flatten()[::7], b.flatten()[::7]).pvalue > 1e-3, f"step {i}"
 
 
-def test_the_two_sample_check_tells_a_wrong_marginal_apart():
+def test_the_two_sample_check_tells_a_wrong_marginal_apart(tiny_model):
     """The KS check above has power: at T = 1 the chain's z_0 (Gaussian plus a wide uniform) is
     not a Gaussian of the same variance."""
-    model = small_model(T=1)
+    model = tiny_model(T=1)
     x = torch.zeros(4000, 3, 2, 2, dtype=D)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -96,8 +85,8 @@ def test_the_two_sample_check_tells_a_wrong_marginal_apart():
     assert ks_2samp(z0.flatten() / sigma_0, gaussian.flatten() / sigma_0).pvalue < 1e-6
 
 
-def test_z_s_is_the_next_grid_point_of_the_same_draws():
-    model = small_model(T=5)
+def test_z_s_is_the_next_grid_point_of_the_same_draws(tiny_model):
+    model = tiny_model(T=5)
     m = ForwardMarginals.of(model)
     x = torch.rand(6, 3, 4, 4, dtype=D) * 2 - 1
     eps, noise = torch.randn_like(x), torch.randn(5, *x.shape, dtype=D)
@@ -119,8 +108,8 @@ def test_stratified_steps_are_uniform_and_cover_the_grid():
 
 
 @pytest.mark.parametrize("cls", [UQDM, GaussianDiffusion])
-def test_one_step_nelbo_is_unbiased(cls):
-    model = small_model(cls, T=4)
+def test_one_step_nelbo_is_unbiased(cls, tiny_model):
+    model = tiny_model(cls, T=4)
     x_raw = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     R = 800
     batch = x_raw.repeat(R, 1, 1, 1)
@@ -137,11 +126,11 @@ def test_one_step_nelbo_is_unbiased(cls):
 
 
 @pytest.mark.parametrize("cls", [UQDM, GaussianDiffusion])
-def test_on_the_chains_draws_the_mean_over_steps_is_the_chain_nelbo_and_its_gradient(cls):
+def test_on_the_chains_draws_the_mean_over_steps_is_the_chain_nelbo_and_its_gradient(cls, tiny_model):
     """Given the chain's draws (same seed), averaging T·rate_i over i gives the chain's diffusion
     term, and the same gradient: unbiasedness without sampling error."""
     T = 4
-    model = small_model(cls, T=T)
+    model = tiny_model(cls, T=T)
     x_raw = torch.randint(0, 256, (3, 3, 4, 4), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
     params = [model.schedule.w, model.network.conv_in.weight]
 
@@ -160,8 +149,8 @@ def test_on_the_chains_draws_the_mean_over_steps_is_the_chain_nelbo_and_its_grad
     assert not torch.allclose(per_step[0][0], per_step[-1][0])  # the steps do differ
 
 
-def test_one_step_gradient_is_unbiased():
-    model = small_model(T=4)
+def test_one_step_gradient_is_unbiased(tiny_model):
+    model = tiny_model(T=4)
     x_raw = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
     net = model.network
     watched = {  # a few network weights on the path to ε̂ and the prior scale, and the schedule
@@ -187,6 +176,6 @@ def test_one_step_gradient_is_unbiased():
     assert ((one.mean(0) - chain.mean(0)).abs() < 3 * se).all(), (one.mean(0), chain.mean(0), se)
 
 
-def test_unknown_estimator_is_refused():
+def test_unknown_estimator_is_refused(tiny_model):
     with pytest.raises(ValueError, match="one_step"):
-        nelbo(small_model(T=1), torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "two_step")
+        nelbo(tiny_model(T=1), torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "two_step")
