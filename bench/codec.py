@@ -188,7 +188,7 @@ def missing_data() -> str | None:
 def file_figures(files: list[bytes], decoded: list) -> dict:
     """File bits over the ideal bits (−log₂ of the coded symbols under the unquantised model)."""
     file_bits = 8 * sum(len(f) for f in files)
-    payload_bits = 8 * sum(len(c) for f in files for c in parse(f).chunks)
+    payload_bits = 8 * sum(len(c) for f in files for c in parse(f).layers)
     ideal = sum(sum(d.ideal_bits) for d in decoded)
     return {"file_bits": file_bits, "ideal_bits": ideal, "overhead": file_bits / ideal - 1,
             "payload_overhead": payload_bits / ideal - 1}

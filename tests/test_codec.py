@@ -30,10 +30,12 @@ from uqdm.codec import (
 )
 from uqdm.codec import coder, exact, randomness, tables
 from uqdm.codec.container import pack, varint
+from uqdm.codec.layers import expected_bits, split
 from uqdm.codec.tiling import from_tiles, to_tiles
 from uqdm.errors import UQDMError
 from uqdm.images import load_image, save_png
 from uqdm.module import UQDMModule
+from uqdm.options import DEFAULT_LAYERS
 
 # Reference figures of the released tiny model on Kodak 64×64 (shared README, seed 0, denoise).
 REFERENCE_BPP = 15.7732
@@ -79,7 +81,7 @@ def test_lossless_round_trip_of_different_sizes(module, images, files):
     for image, data in zip(images, files):
         decoded = decompress(module, data)
         assert torch.equal(decoded.image, image)
-        assert len(parse(data).chunks) == module.hparams.n_timesteps + 1
+        assert len(parse(data).layers) == module.hparams.n_timesteps * DEFAULT_LAYERS + 1
 
 
 def test_batch_and_sub_batch_do_not_change_the_bytes(module, images, files):
@@ -89,27 +91,68 @@ def test_batch_and_sub_batch_do_not_change_the_bytes(module, images, files):
     assert torch.equal(decompress(module, files[0], batch_tiles=5).image, images[0])
 
 
-def test_every_chunk_boundary_is_a_truncation_point(module, files):
+def test_every_layer_boundary_is_a_truncation_point(module, files):
     data = files[0]
+    T, L = module.hparams.n_timesteps, DEFAULT_LAYERS
     full = decompress(module, data, all_points=True)
-    assert len(full.points) == module.hparams.n_timesteps + 2
-    for k in range(len(full.points)):
-        prefix = truncate(data, k)
-        assert torch.equal(decompress(module, prefix).image, full.points[k])
-        assert torch.equal(decompress(module, data, steps=k).image, full.points[k])
+    assert len(full.points) == T * L + 2
+    for n in range(len(full.points)):
+        assert torch.equal(decompress(module, truncate(data, layers=n)).image, full.points[n])
+    for k in range(T + 2):
+        assert torch.equal(decompress(module, data, steps=k).image, full.points[min(k * L, T * L + 1)])
+        assert truncate(data, steps=k) == truncate(data, layers=min(k * L, T * L + 1))
 
 
 def test_a_lossy_file_is_a_prefix_of_the_lossless_one(module, images, files):
     lossy = compress(module, images[:1], steps=2, tile=16)[0]
-    assert lossy == truncate(files[0], 2)
+    assert lossy == truncate(files[0], steps=2)
 
 
-def test_a_prefix_ending_inside_a_chunk_warns_and_decodes_its_complete_chunks(module, files):
+def test_a_prefix_ending_inside_a_layer_warns_and_decodes_its_complete_layers(module, files):
     data = files[0]
-    ends = [len(truncate(data, k)) for k in range(5)]
-    with pytest.warns(UserWarning, match="ends inside chunk 3"):
-        decoded = decompress(module, data[: ends[2] + 5])
-    assert torch.equal(decoded.image, decompress(module, data[: ends[2]]).image)
+    ends = parse(data).ends
+    with pytest.warns(UserWarning, match="ends inside layer 2 of step 2; decoding its 5 complete layers"):
+        decoded = decompress(module, data[: ends[5] + 5])
+    assert torch.equal(decoded.image, decompress(module, data[: ends[5]]).image)
+
+
+def test_layers_split_a_step_by_scale_into_shares_of_the_expected_bits():
+    """Largest scale first, ties by position; every symbol in exactly one layer; the layers' expected
+    bits are within one symbol of equal shares."""
+    j = torch.tensor([0, 40, -40, 40, 7, -100, 7, 0] * 50)
+    parts = split(j, 4)
+    order = torch.cat(parts)
+    assert sorted(order.tolist()) == list(range(len(j)))
+    assert (j[order][1:] <= j[order][:-1]).all()
+    same = order[j[order] == 40]
+    assert (same[1:] > same[:-1]).all()
+    bits = [expected_bits(j[p]).sum().item() for p in parts]
+    assert max(bits) - min(bits) <= 2 * expected_bits(j).max().item()
+    assert [len(p) for p in split(j, 1)] == [len(j)]
+
+
+def test_expected_bits_follow_the_entropy_of_a_quantised_logistic():
+    """The integer estimate is within 25% (or 1/4 bit) of the entropy of k ~ discretised logistic(a)."""
+    for jj in (-64, -32, -16, 0, 32, 96):
+        a = 2 ** (jj / 16)
+        k = torch.arange(-4000, 4001, dtype=torch.float64)
+        entropy = 0.0
+        for u in torch.linspace(-0.45, 0.45, 10, dtype=torch.float64):
+            p = torch.sigmoid((k - u + 0.5) / a) - torch.sigmoid((k - u - 0.5) / a)
+            p = p[p > 0]
+            entropy += -(p * torch.log2(p)).sum().item() / 10
+        estimate = expected_bits(torch.tensor([jj])).item() / 16
+        assert abs(estimate - entropy) <= max(0.25 * entropy, 0.25), (jj, estimate, entropy)
+
+
+def test_layers_reorder_a_steps_symbols_without_changing_them(module, images):
+    """Whatever L, the complete steps decode to the same pictures; L layers cost a few bytes each."""
+    data = compress(module, images[1:], tile=16, layers=3)[0]
+    one = compress(module, images[1:], tile=16, layers=1)[0]
+    assert len(parse(data).layers) == 3 * 3 + 1
+    assert len(data) - len(one) < 2 * 3 * 8  # six more records: length, CRC and the coder's ending
+    assert torch.equal(decompress(module, data).image, images[1])
+    assert torch.equal(decompress(module, truncate(data, steps=2)).image, decompress(module, truncate(one, steps=2)).image)
 
 
 def test_other_reconstructions_run(module, files):
@@ -121,14 +164,14 @@ def test_other_reconstructions_run(module, files):
 
 def test_the_encoder_shows_what_the_decoder_shows(module, images, files):
     """One encoder walk gives each file, the decoder's picture at every point for every method, and
-    the decoder's ideal bits per chunk."""
+    the decoder's ideal bits per layer."""
     methods = ["denoise", "ancestral", "flow_based"]
     encoded = compress_progressive(module, images, [0, 0], methods, tile=16)
     assert [e.data for e in encoded] == files
     for e in encoded:
         for method in methods:
             decoded = decompress(module, e.data, method=method, all_points=True)
-            assert len(e.points[method]) == len(decoded.points) == module.hparams.n_timesteps + 2
+            assert len(e.points[method]) == len(decoded.points) == module.hparams.n_timesteps * DEFAULT_LAYERS + 2
             assert all(torch.equal(a, b) for a, b in zip(e.points[method], decoded.points))
         assert e.ideal_bits == pytest.approx(decoded.ideal_bits, rel=1e-9)  # last bits of z: another batch
 
@@ -149,14 +192,14 @@ def test_gaussian_diffusion_cannot_compress(tiny_hparams):
 # --- errors -----------------------------------------------------------------------------------
 def test_a_flipped_byte_fails_the_crc(module, files):
     data = bytearray(files[0])
-    data[len(truncate(files[0], 1)) + 10] ^= 0x01  # inside chunk 2's payload
-    with pytest.raises(UQDMError, match="chunk 2 fails its CRC32"):
+    data[len(truncate(files[0], steps=1)) + 10] ^= 0x01  # inside layer 1 of step 2's payload
+    with pytest.raises(UQDMError, match="layer 1 of step 2 fails its CRC32"):
         decompress(module, bytes(data))
 
 
 def test_a_damaged_header_fails_the_crc(module, files):
     data = bytearray(files[0])
-    data[-1 + len(truncate(files[0], 0))] ^= 0x01  # the seed
+    data[-1 + len(truncate(files[0], steps=0))] ^= 0x01  # the seed
     with pytest.raises(UQDMError, match="CRC32"):
         decompress(module, bytes(data))
 
@@ -177,11 +220,13 @@ def _with_crc(head: bytes) -> bytes:
         (b"PNG\x89 not a uqdm file", "bad magic"),
         (b"UQDM\x07" + bytes(20), "version 7"),
         (b"UQDM\x01" + bytes(20), "version 1"),
-        (b"UQDM\x02" + bytes(8) + b"\x40\x40", "ends inside the header"),
-        (b"UQDM\x02" + bytes(8) + b"\x40\x40\x04\x02\x00", "ends inside the header"),  # no CRC32
-        (b"UQDM\x02" + bytes(8) + b"\x40\x40\x04\x02\x00" + bytes(4), "header fails its CRC32"),
-        (_with_crc(b"UQDM\x02" + bytes(8) + b"\x00\x40\x40\x04\x00"), "height = 0"),
-        (b"UQDM\x02" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
+        (b"UQDM\x02" + bytes(20), "version 2 .*compress the image again"),
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40", "ends inside the header"),
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00", "ends inside the header"),  # no CRC32
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00" + bytes(4), "header fails its CRC32"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x00\x40\x40\x04\x04\x00"), "height = 0"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x00\x00"), "layers = 0"),
+        (b"UQDM\x03" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
     ],
 )
 def test_malformed_files(data, message):
@@ -195,13 +240,31 @@ def test_bytes_after_the_last_chunk_are_an_error(module, files):
 
 
 def test_container_round_trip():
-    header = Header(b"12345678", 5, 300, 64, 2, 2**64 - 1)
+    header = Header(b"12345678", 5, 300, 64, 2, 3, 2**64 - 1)
     data = pack(header, [b"", b"abc", bytes(200)])
     parsed = parse(data)
-    assert parsed.header == header and parsed.chunks == [b"", b"abc", bytes(200)] and not parsed.truncated
+    assert parsed.header == header and parsed.layers == [b"", b"abc", bytes(200)] and not parsed.truncated
+    assert [header.describe(n) for n in (1, 3, 4, 6, 7)] == [
+        "layer 1 of step 1", "layer 3 of step 1", "layer 1 of step 2", "layer 3 of step 2", "the lossless chunk"]
     assert varint(300) == b"\xac\x02"
     with pytest.raises(ValueError):
-        Header(b"12345678", 0, 1, 64, 2, 0)
+        Header(b"12345678", 0, 1, 64, 2, 3, 0)
+    with pytest.raises(ValueError, match="at most"):
+        pack(header, [b""] * 8)
+
+
+def test_truncate_by_steps_layers_and_bytes():
+    header = Header(b"12345678", 5, 300, 64, 2, 3, 7)
+    data = pack(header, [bytes([n]) * n for n in range(1, 8)])
+    ends = parse(data).ends
+    assert truncate(data, steps=1) == data[: ends[3]] and truncate(data, steps=3) == data
+    assert truncate(data, layers=5) == data[: ends[5]]
+    assert truncate(data, max_bytes=ends[4] - 1) == data[: ends[3]]
+    assert truncate(data, max_bytes=ends[4]) == data[: ends[4]] and truncate(data, max_bytes=10**9) == data
+    with pytest.raises(UQDMError, match="header"):
+        truncate(data, max_bytes=ends[0] - 1)
+    with pytest.raises(UQDMError, match="holds 7 complete layers"):
+        truncate(data, layers=8)
 
 
 # --- determinism: randomness and tables ------------------------------------------------------
@@ -308,20 +371,29 @@ def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     main(["compress", "--ckpt", str(ckpt), str(src), "--out-dir", str(tmp_path / "c"), "--tile", "16"])
     data = tmp_path / "c" / "a.uqdm"
     main(["truncate", str(data), "--steps", "2", "-o", str(tmp_path / "t.uqdm")])
+    budget = 8 * len(truncate(data.read_bytes(), layers=5)) / (20 * 37)
+    main(["truncate", str(data), "--bpp", str(budget + 0.01), "-o", str(tmp_path / "b.uqdm")])
+    assert (tmp_path / "b.uqdm").read_bytes() == truncate(data.read_bytes(), layers=5)
+    main(["compress", "--ckpt", str(ckpt), str(src), "-o", str(tmp_path / "c.uqdm"), "--tile", "16",
+          "--bpp", str(budget + 0.01)])
+    assert (tmp_path / "c.uqdm").read_bytes() == truncate(data.read_bytes(), layers=5)
     main(["decompress", "--ckpt", str(ckpt), str(data), str(tmp_path / "t.uqdm"), "--out-dir", str(tmp_path / "d"),
           "--all-steps", str(tmp_path / "all")])
     assert torch.equal(load_image(tmp_path / "d" / "a.png"), images[0])
-    assert torch.equal(load_image(tmp_path / "d" / "t.png"), load_image(tmp_path / "all" / "a_2.png"))
-    assert len(list((tmp_path / "all").glob("a_*.png"))) == 5
+    assert len(list((tmp_path / "all").glob("a_*.png"))) == 3 * DEFAULT_LAYERS + 2
+    assert torch.equal(load_image(tmp_path / "d" / "t.png"), load_image(tmp_path / "all" / f"a_{2 * DEFAULT_LAYERS}.png"))
     capsys.readouterr()
     main(["info", str(data), "--ckpt", str(ckpt)])
     info = json.loads(capsys.readouterr().out)
     assert info["bytes"] == data.stat().st_size
     assert info["header"]["height"] == 20 and info["header"]["width"] == 37 and info["header"]["tile"] == 16
-    assert [c["step"] for c in info["chunks"]] == [1, 2, 3, 4]
-    assert all(c["bytes"] > 0 and c["ideal_bits"] > 0 for c in info["chunks"])
+    L = DEFAULT_LAYERS
+    assert [(c["step"], c["layer"]) for c in info["layers"]] == [(s, n) for s in (1, 2, 3) for n in range(1, L + 1)] + [(4, 1)]
+    assert all(c["bytes"] > 0 and c["ideal_bits"] > 0 for c in info["layers"])
+    assert info["layers"][-1]["bpp"] == 8 * info["bytes"] / (20 * 37)
+    assert all(a["bpp"] < b["bpp"] for a, b in zip(info["layers"], info["layers"][1:]))
     main(["info", str(tmp_path / "t.uqdm")])
-    assert [set(c) for c in json.loads(capsys.readouterr().out)["chunks"]] == [{"step", "bytes"}] * 2
+    assert [set(c) for c in json.loads(capsys.readouterr().out)["layers"]] == [{"step", "layer", "bytes", "bpp"}] * 2 * L
 
 
 def _exit_2(argv, cli_exit) -> str:
@@ -338,7 +410,7 @@ def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, cli_exit):
     out_png = str(tmp_path / "x.png")
     assert "cannot read image" in _exit_2(["compress", "--ckpt", str(ckpt), str(not_image), "-o", out_png], cli_exit)
     corrupt = bytearray(files[0])
-    corrupt[len(truncate(files[0], 1)) + 3] ^= 0x40
+    corrupt[len(truncate(files[0], steps=1)) + 3] ^= 0x40
     (tmp_path / "bad.uqdm").write_bytes(bytes(corrupt))
     assert "CRC32" in _exit_2(["decompress", "--ckpt", str(ckpt), str(tmp_path / "bad.uqdm"), "-o", out_png], cli_exit)
     other = tmp_path / "other.ckpt"
@@ -352,9 +424,10 @@ def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, cli_exit):
 
 
 def test_cli_truncated_file_warns(ckpt, files, tmp_path, capsys):
-    (tmp_path / "cut.uqdm").write_bytes(files[0][: len(truncate(files[0], 1)) + 7])
+    (tmp_path / "cut.uqdm").write_bytes(files[0][: len(truncate(files[0], steps=1)) + 7])
     main(["decompress", "--ckpt", str(ckpt), str(tmp_path / "cut.uqdm"), "-o", str(tmp_path / "cut.png")])
-    warning = "uqdm: warning: the .uqdm file ends inside chunk 2; decoding its 1 complete chunks"
+    warning = (f"uqdm: warning: the .uqdm file ends inside layer 1 of step 2; decoding its {DEFAULT_LAYERS} "
+               "complete layers")
     assert capsys.readouterr().err.strip() == warning
 
 
@@ -402,7 +475,7 @@ def test_kodak64_acceptance(released_ckpt, kodak64, tmp_path):
     the reference rates and qualities and at most 1% (0.5% in the chunks) above the ideal bits."""
     ckpt, images = released_ckpt, kodak64
     assert len(images) == 24
-    files = _with_threads(2, lambda: compress(load_module(ckpt), images, seed=0))
+    files = _with_threads(2, lambda: compress(load_module(ckpt), images, seed=0, layers=1))  # step points: as released
     out = tmp_path / "kodak64"
     out.mkdir()
     torch.save(images, out / "originals.pt")
@@ -416,7 +489,7 @@ def test_kodak64_acceptance(released_ckpt, kodak64, tmp_path):
     bpp, psnr = [], []
     for data, r in zip(files, results):
         ideal = sum(r["ideal_bits"])
-        payload = sum(len(c) for c in parse(data).chunks)
+        payload = sum(len(c) for c in parse(data).layers)
         assert 8 * len(data) <= 1.01 * ideal
         assert 8 * payload <= 1.005 * ideal
         bpp.append(ideal / 4096)
@@ -436,6 +509,7 @@ def test_large_image_progressive(shared_data, released_ckpt):
     data = compress(module, [image])[0]
     full = decompress(module, data, all_points=True)
     assert torch.equal(full.image, image)
-    assert torch.equal(decompress(module, truncate(data, 1)).image, full.points[1])
-    mse = [((p.double() - image.double()) ** 2).mean().item() for p in full.points]
+    assert torch.equal(decompress(module, truncate(data, layers=1)).image, full.points[1])
+    steps = [full.points[parse(data).header.records_after(k)] for k in range(6)]  # the step points
+    mse = [((p.double() - image.double()) ** 2).mean().item() for p in steps]
     assert all(a > b for a, b in zip(mse, mse[1:])), mse

@@ -126,7 +126,8 @@ def test_a_file_of_another_model_is_refused(sample, tiny_module):
 # --- absurd sizes: refused (or the complete chunks decoded) at once, memory bounded ----------
 def _header(sample, **fields) -> bytes:
     h = sample.header
-    values = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "seed": h.seed}
+    values = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "layers": h.layers,
+              "seed": h.seed}
     return fuzz.raw_header(h.fingerprint, **(values | fields))
 
 
@@ -141,6 +142,7 @@ ABSURD = {
     "11-byte chunk length": (lambda s: _with_chunk_length(s, b"\xff" * 10 + b"\x01"), "rejected"),
     "10^9 steps": (lambda s: _header(s, n_timesteps=10**9) + b"".join(s.segments), "rejected"),
     "10^9 steps, header only": (lambda s: _header(s, n_timesteps=10**9), "rejected"),
+    "2^40 layers": (lambda s: _header(s, layers=2**40) + b"".join(s.segments), "rejected"),
     "10^6 x 10^6 image": (lambda s: _header(s, height=10**6, width=10**6), "rejected"),
     "2^40 x 1 image": (lambda s: _header(s, height=2**40, width=1), "rejected"),
     "tile 2^20": (lambda s: _header(s, tile=2**20), "rejected"),
@@ -171,9 +173,11 @@ def test_reordered_duplicated_or_missing_chunks_are_refused(module, sample):
     chunk's index, so whole chunks swapped, repeated or left out pass every check and decode to a
     wrong picture without a word, or (chunks 2 and 3 swapped: the lossless chunk read as a step)
     end in constriction's AssertionError. The CRC (or the chunk) should bind the chunk index."""
-    one, two, three = sample.segments
-    for name, chunks in {"1 and 2 swapped": [two, one, three], "1 twice": [one, one],
-                         "2 left out": [one, three], "2 and 3 swapped": [one, three, two]}.items():
+    segs = sample.segments  # T·L layer records, then the lossless chunk
+    one, two, rest = segs[0], segs[1], segs[2:]
+    for name, chunks in {"1 and 2 swapped": [two, one, *rest], "1 twice": [one, one],
+                         "2 left out": [one, *rest],
+                         "the last two swapped": [*segs[:-2], segs[-1], segs[-2]]}.items():
         data = sample.head + b"".join(chunks)
         result = classify(module, sample, data, time_limit=TIME_LIMIT)
         assert result.outcome == "rejected", f"chunks {name}: {result.outcome}: {result.detail}"

@@ -3,3 +3,4 @@
 
 RECONSTRUCTIONS = ("denoise", "ancestral", "flow_based")  # the pictures of a lossy truncation point
 RELEASED_WEIGHTS = ("ema", "raw")  # what `uqdm import-official` takes from a released checkpoint
+DEFAULT_LAYERS = 4  # quality layers per step of a `.uqdm` file (`uqdm compress --layers`)

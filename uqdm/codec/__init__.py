@@ -1,7 +1,7 @@
 """The UQDM codec: progressive `.uqdm` files from a universally quantized diffusion model.
 
 `compress` / `decompress` work on uint8 C×H×W tensors of any size (tiled to the model's size);
-`truncate` cuts a file to a prefix of whole chunks without the model; `import_official` turns a
+`truncate` cuts a file to a prefix of whole chunks or layers without the model; `import_official` turns a
 released checkpoint folder into a `uqdm` checkpoint. The byte layout is in docs/format.md.
 
 The names below are imported on first use (PEP 562), so that the container format (`parse`,
@@ -17,11 +17,11 @@ _HOMES = {
     "truncate": ".container",
     "Decoded": ".codec",
     "Encoded": ".codec",
-    "chunk_ideal_bits": ".codec",
     "compress": ".codec",
     "compress_progressive": ".codec",
     "decompress": ".codec",
     "fingerprint": ".codec",
+    "layer_ideal_bits": ".codec",
     "import_official": ".official",
     "lightning_checkpoint": ".official",
     "save_checkpoint": ".official",

@@ -6,7 +6,9 @@ image's entropy model (the same calls on both sides); the encoder then sends
 `k = round((μ_q − μ_p)/Δ + u)`, the decoder reads `k`, and both continue from
 `z_s = μ_p + (k − u)·Δ`. All tiles of all images in a call go through each step together. The
 network runs in float64 in sub-batches of `batch_tiles` tiles; last-bit differences between
-sub-batch sizes never reach the tables (see `tables`).
+sub-batch sizes never reach the tables (see `tables`). Each step's symbols are coded in L quality
+layers (`layers`); a prefix that ends after some layers of a step decodes them and takes the prior's
+mean for the rest of the step (`_partial_latent`).
 """
 
 import copy
@@ -21,11 +23,13 @@ from torch import Tensor, nn
 
 from uqdm.diffusion import RECONSTRUCTIONS, UQDM, Prior, to_centered
 from uqdm.errors import UQDMError
+from uqdm.options import DEFAULT_LAYERS
 from uqdm.schedules import alpha_sigma
-from uqdm.walk import Node, Walk, quantization_index
+from uqdm.walk import Node, Walk, dequantize, quantization_index
 
 from . import coder, randomness, tables
 from .container import FINGERPRINT_BYTES, Header, pack, parse
+from .layers import fill_in, layer_models
 from .tiling import from_tiles, grid, to_tiles
 
 BATCH_TILES = 4  # tiles per network call: float64 attention over 64×64 pixels is memory-bound
@@ -36,8 +40,8 @@ IDEAL_SLICE = 1 << 13  # symbols per slice when evaluating the 256-way p(x_raw |
 class Decoded:
     """A decoded file: the picture at its last truncation point, and optionally all of them.
 
-    `points[p]` is the picture after p chunks (p = 0: z₁ only; p = T + 1: the exact image).
-    `ideal_bits[c]` is −log₂ of chunk c's symbols' probabilities under the (unquantised) model.
+    `points[p]` is the picture after p layers (p = 0: z₁ only; p = T·L + 1: the exact image).
+    `ideal_bits[n]` is −log₂ of layer n's symbols' probabilities under the (unquantised) model.
     """
 
     header: Header
@@ -48,7 +52,7 @@ class Decoded:
 
 @dataclass
 class Encoded:
-    """A file, and what decoding it shows: `points[method][p]` is the picture after p chunks
+    """A file, and what decoding it shows: `points[method][p]` is the picture after p layers
     (`decompress(..., method=method, all_points=True).points`), `ideal_bits[c]` as in `Decoded`."""
 
     data: bytes
@@ -145,9 +149,18 @@ def _top(net: UQDM, headers: list[Header], channels: int) -> Tensor:
     return _shared(headers, channels, randomness.top_latent).to(next(net.parameters()).device)
 
 
-def _ideal_step_bits(net: UQDM, node: Node, u: Tensor, k: Tensor, span: slice) -> float:
-    return tables.ideal_step_bits(node.prior.std[span].cpu(), node.step.delta.cpu(), u[span].cpu(),
-                                  k[span].to("cpu", torch.float64), net.prior_type)
+def _layer_ideal_bits(net: UQDM, node: Node, span: slice, model: tables.StepModel, index: Tensor,
+                      values: Tensor) -> float:
+    """−log₂ P(k) of one layer's symbols `index` (flat, in one image's `span`) under the unquantised prior."""
+    std = node.prior.std[span].cpu().flatten()[index]
+    return tables.ideal_step_bits(std, node.step.delta.cpu(), model.u[index], values.double(), net.prior_type)
+
+
+def _partial_latent(node: Node, u: Tensor, span: slice, k: Tensor) -> Tensor:
+    """z_s of one image's tiles from a partly received step: μ_p + (k − u)·Δ, where `k` (flat, CPU)
+    holds `fill_in`'s value for the symbols not received (so z_s = μ_p there)."""
+    mean = node.prior.mean[span]
+    return dequantize(k.view(mean.shape).to(mean.device, mean.dtype), u[span], mean, node.step.delta)
 
 
 def _lossless_model(net: UQDM, z_0: Tensor) -> tables.LosslessModel:
@@ -185,33 +198,35 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 @torch.inference_mode()
 def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, seed: int = 0,
              tile: int = 64, batch_tiles: int = BATCH_TILES,
-             on_chunk: Callable[[int], None] | None = None) -> list[bytes]:
+             on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
-    lossless chunk. `on_chunk(c)` is called once the first c chunks of every file are coded (c = 0:
-    set-up done, nothing coded yet). Returns one file's bytes per image.
+    lossless chunk. Each step's chunk is `layers` quality layers. `on_chunk(c)` is called once the
+    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet). Returns one
+    file's bytes per image.
     """
-    return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk)]
+    return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
+                                    layers)]
 
 
 @torch.inference_mode()
 def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
                          tile: int = 64, batch_tiles: int = BATCH_TILES,
-                         on_chunk: Callable[[int], None] | None = None) -> list[Encoded]:
+                         on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[Encoded]:
     """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
     same walk what decoding each file shows at every truncation point for each of `methods`, and
-    the ideal bits of each chunk. `on_chunk` as in `compress`; the pictures are made after the last
+    the ideal bits of each layer. `on_chunk` as in `compress`; the pictures are made after the last
     chunk is coded.
     """
     for method in methods:
         _check_method(method)
-    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk)
+    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers)
 
 
 def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
-            on_chunk: Callable[[int], None] | None) -> list[Encoded]:
+            on_chunk: Callable[[int], None] | None, layers: int) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     and ideal bits of `Encoded`."""
     fp = fingerprint(model)
@@ -220,7 +235,7 @@ def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps:
     T = net.n_timesteps
     n_chunks = _n_chunks(steps, T)
     try:
-        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, seed) for im, seed in zip(images, seeds)]
+        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed) for im, seed in zip(images, seeds)]
     except ValueError as e:
         raise UQDMError(f"cannot compress: {e}") from None
     spans = _spans(headers)
@@ -233,14 +248,20 @@ def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps:
     coded = on_chunk or (lambda c: None)
     coded(0)
     walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
-    nodes = []
+    nodes, partial = [], [[] for _ in images]  # partial[n][i]: image n's latents after layers 1 … L − 1 of step i
     for node, u, models in _coded_steps(net, walk, headers, channels):
         k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
         k_cpu = k.to("cpu", torch.int64)
         for n, span in enumerate(spans):
-            chunks[n].append(coder.encode(models[n], k_cpu[span].flatten()))
-            if report:
-                out[n].ideal_bits.append(_ideal_step_bits(net, node, u, k, span))
+            k_flat, received = k_cpu[span].flatten(), fill_in(models[n].u)
+            partial[n].append([])
+            for l, (index, layer_model) in enumerate(layer_models(models[n], layers), start=1):
+                chunks[n].append(coder.encode(layer_model, k_flat[index]))
+                if report:
+                    out[n].ideal_bits.append(_layer_ideal_bits(net, node, span, models[n], index, k_flat[index]))
+                    received[index] = k_flat[index].double()
+                    if l < layers:
+                        partial[n][-1].append(_partial_latent(node, u, span, received))
         node.quantize(k, u)
         if report:
             nodes.append(node)
@@ -255,9 +276,11 @@ def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps:
     for e, h, c in zip(out, headers, chunks):
         e.data = pack(h, c)
     if report:  # what the decoder of each file shows at each point
-        for e, h, span, image in zip(out, headers, spans, images):
+        for e, h, span, image, steps_partial in zip(out, headers, spans, images, partial):
             for m in e.points:
-                e.points[m] = [_show(net, h, m, nd.i, nd.z_t[span], nd.prior[span]) for nd in nodes]
+                for nd, latents in zip(nodes, steps_partial):
+                    e.points[m].append(_show(net, h, m, nd.i, nd.z_t[span], nd.prior[span]))
+                    e.points[m] += [_show(net, h, m, nd.i + 1, z_s, None) for z_s in latents]
                 e.points[m] += [_show(net, h, m, T, z[span], None), image]
     return out
 
@@ -273,11 +296,13 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
                on_point: Callable[[int, Tensor], None] | None = None) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
-    A prefix ending inside a chunk decodes its complete chunks (with a warning). `method` is the
-    reconstruction of the lossy points ("denoise", "ancestral" or "flow_based"); `all_points`
-    also returns the picture at every point up to there. `on_point(p, picture)` is called as soon
-    as the picture of each point p up to there is shown (progressive display; every point's
-    picture is made, as with `all_points`).
+    A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
+    some layers of a step decodes them, takes the prior's mean for the step's other symbols and
+    reconstructs from there (`_partial_latent`). `method` is the reconstruction of the lossy points
+    ("denoise", "ancestral" or "flow_based"); `all_points` also returns the picture at every point
+    (after every layer) up to there. `on_point(p, picture)` is called as soon as the picture of
+    each point p (p layers) up to there is shown (progressive display; every point's picture is
+    made, as with `all_points`).
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -294,9 +319,10 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
     if header.n_timesteps != T:
         raise UQDMError(f"the file's header names T = {header.n_timesteps} steps but the model has {T}; "
                         "is the file corrupt?")
-    n_chunks = len(container.chunks) if steps is None else _n_chunks(steps, T)
-    if n_chunks > len(container.chunks):
-        raise UQDMError(f"the file holds {len(container.chunks)} complete chunks; cannot decode {n_chunks}")
+    L, held = header.layers, len(container.layers)
+    n_records = held if steps is None else header.records_after(_n_chunks(steps, T))
+    if n_records > held:
+        raise UQDMError(f"the file holds {held} complete layers; cannot decode {steps} chunks of {L} layers")
     channels = net.network.n_channels
     ideal: list[float] = []
     pictures: list[Tensor] = []
@@ -307,19 +333,28 @@ def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: 
             on_point(len(pictures) - 1, image)
 
     every_point = all_points or on_point is not None
-    walk = Walk(net, _top(net, [header], channels), stop=min(n_chunks, T))
+    steps_run = min(-(-n_records // L), T)  # whole steps, and a partly received one
+    walk = Walk(net, _top(net, [header], channels), stop=steps_run)
+    everything = slice(None)
     for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
         if every_point:
             shown(_show(net, header, method, node.i, node.z_t, node.prior))
-        k = coder.decode(step_model, container.chunks[node.i], node.i + 1).view(node.z_t.shape)
-        ideal.append(_ideal_step_bits(net, node, u, k, slice(None)))
-        node.quantize(k.to(node.z_t.device, torch.float64), u)
+        received = min(n_records - node.i * L, L)
+        k = fill_in(step_model.u)
+        for l, (index, layer_model) in enumerate(layer_models(step_model, L)[:received], start=1):
+            record = node.i * L + l
+            values = coder.decode(layer_model, container.layers[record - 1], header.describe(record))
+            k[index] = values.double()
+            ideal.append(_layer_ideal_bits(net, node, everything, step_model, index, values))
+            if every_point and l < (received if received < L else L):
+                shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, k), None))
+        node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
     z = walk.z
-    if n_chunks <= T or every_point:
-        shown(_show(net, header, method, min(n_chunks, T), z, None))
-    if n_chunks > T:
+    if n_records < header.n_records or every_point:
+        shown(_show(net, header, method, steps_run, z, None))
+    if n_records == header.n_records:
         model_0 = _lossless_model(net, z)
-        x_raw = coder.decode(model_0, container.chunks[T], T + 1).view(z.shape)
+        x_raw = coder.decode(model_0, container.layers[-1], header.describe(n_records)).view(z.shape)
         ideal.append(_lossless_ideal_bits(net, x_raw, z))
         shown(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
     return Decoded(header, pictures[-1], pictures if all_points else None, ideal)
@@ -332,6 +367,6 @@ def _lossless_ideal_bits(net: UQDM, x_raw: Tensor, z_0: Tensor) -> float:
     return nats / math.log(2)
 
 
-def chunk_ideal_bits(model: nn.Module, data: bytes) -> list[float]:
-    """Per chunk, −log₂ of its coded symbols' probabilities under the unquantised model."""
+def layer_ideal_bits(model: nn.Module, data: bytes) -> list[float]:
+    """Per layer, −log₂ of its coded symbols' probabilities under the unquantised model."""
     return decompress(model, data).ideal_bits

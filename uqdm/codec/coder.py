@@ -56,8 +56,9 @@ def _sealed(encoder) -> bytes:
     return np.array(words, dtype=">u4").tobytes().rstrip(b"\0")
 
 
-def decode(model: StepModel | LosslessModel, payload: bytes, chunk: int = 0) -> Tensor:
-    """The `len(model)` values (int64) that `encode` coded into `payload` (chunk number `chunk`).
+def decode(model: StepModel | LosslessModel, payload: bytes, where: str = "a segment") -> Tensor:
+    """The `len(model)` values (int64) that `encode` coded into `payload` (`where`: which part of
+    the file, for the error message, e.g. "layer 2 of step 3").
 
     Raises:
         UQDMError: the range decoder refuses the payload (not the output of `encode` for this model).
@@ -66,7 +67,7 @@ def decode(model: StepModel | LosslessModel, payload: bytes, chunk: int = 0) -> 
         return _decode(model, payload)
     except Exception as e:  # constriction's AssertionError/ValueError on a payload it cannot decode
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UQDMError(f"chunk {chunk} of the .uqdm file cannot be decoded ({detail}); "
+        raise UQDMError(f"{where} of the .uqdm file cannot be decoded ({detail}); "
                         "is the file corrupt or from another encoder?") from None
 
 

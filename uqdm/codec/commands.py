@@ -15,9 +15,9 @@ from pathlib import Path
 
 from uqdm.atomic import write_atomic
 from uqdm.errors import UQDMError
-from uqdm.options import RECONSTRUCTIONS, RELEASED_WEIGHTS
+from uqdm.options import DEFAULT_LAYERS, RECONSTRUCTIONS, RELEASED_WEIGHTS
 
-from .container import parse, truncate
+from .container import parse, parse_header, truncate
 
 BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach this many tiles
 
@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     _outputs(p, "the .uqdm file (one image only)", "write DIR/<image stem>.uqdm")
     p.add_argument("--steps", type=int,
                    help="chunks to code: K ≤ T steps make a lossy file; default T + 1 (lossless)")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
+                   help=f"quality layers per step: each is a truncation point (default {DEFAULT_LAYERS})")
+    p.add_argument("--bpp", type=float, metavar="R",
+                   help="write only the layers that fit in R bits per pixel (header included)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared randomness (stored in the file)")
     p.add_argument("--tile", type=int, default=64, help="tile size (default 64, the released models' size)")
     p.set_defaults(run=run_compress)
@@ -51,16 +55,20 @@ def register(subparsers) -> None:
                    help="also write every truncation point's picture as DIR/<file stem>_<chunks>.png")
     p.set_defaults(run=run_decompress)
 
-    p = subparsers.add_parser("truncate", help="cut a .uqdm file after its first K chunks (no model needed)")
+    p = subparsers.add_parser("truncate", help="cut a .uqdm file after its first K chunks, or at the last "
+                              "layer boundary within a budget (no model needed)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--steps", type=int, required=True, help="chunks to keep")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int, metavar="K", help="whole chunks to keep (T + 1: all)")
+    budget.add_argument("--bytes", type=int, metavar="N", help="keep at most N bytes")
+    budget.add_argument("--bpp", type=float, metavar="R", help="keep at most R bits per pixel")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(run=run_truncate)
 
-    p = subparsers.add_parser("info", help="describe a .uqdm file as JSON (chunk bytes = payload bytes; "
-                              "step T + 1 is the lossless chunk)")
+    p = subparsers.add_parser("info", help="describe a .uqdm file as JSON: every layer's payload bytes and the "
+                              "file's bits per pixel up to its end (step T + 1 is the lossless chunk)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--ckpt", help="also report each chunk's ideal bits under this model")
+    p.add_argument("--ckpt", help="also report each layer's ideal bits under this model")
     p.set_defaults(run=run_info)
 
 
@@ -108,9 +116,18 @@ def run_import_official(args) -> None:
     print(f"{args.output}: {args.weights} weights of {args.directory}")
 
 
+def _budget_bytes(bpp: float, height: int, width: int) -> int:
+    """The bytes R bits per pixel allow an H×W image: ⌊R·H·W/8⌋."""
+    if not bpp >= 0:
+        raise UQDMError(f"--bpp must be a non-negative number, got {bpp}")
+    return int(bpp * height * width // 8)
+
+
 def run_compress(args) -> None:
     if args.tile < 1:
         raise UQDMError(f"--tile must be positive, got {args.tile}")
+    if args.bpp is not None:
+        _budget_bytes(args.bpp, 1, 1)  # refuse a bad budget before any work
     from uqdm.checkpoints import load_module
     from uqdm.images import load_image
 
@@ -120,8 +137,11 @@ def run_compress(args) -> None:
     images = [load_image(p) for p in args.images]
     model = load_module(args.ckpt)
     for batch in _batches(images, args.tile):
-        files = compress(model, [images[i] for i in batch], steps=args.steps, seed=args.seed, tile=args.tile)
+        files = compress(model, [images[i] for i in batch], steps=args.steps, seed=args.seed, tile=args.tile,
+                         layers=args.layers)
         for i, data in zip(batch, files):
+            if args.bpp is not None:
+                data = truncate(data, max_bytes=_budget_bytes(args.bpp, *images[i].shape[1:]))
             write_atomic(outputs[i], data)
             h, w = images[i].shape[1:]
             print(f"{args.images[i]} -> {outputs[i]}: {len(data)} bytes, {8 * len(data) / (h * w):.3f} bpp")
@@ -160,8 +180,15 @@ def run_decompress(args) -> None:
 
 
 def run_truncate(args) -> None:
+    data = _read(args.file)
     with _warnings_to_stderr():
-        prefix = truncate(_read(args.file), args.steps)
+        if args.steps is not None:
+            prefix = truncate(data, steps=args.steps)
+        elif args.bytes is not None:
+            prefix = truncate(data, max_bytes=args.bytes)
+        else:
+            header, _ = parse_header(data)
+            prefix = truncate(data, max_bytes=_budget_bytes(args.bpp, header.height, header.width))
     write_atomic(args.output, prefix)
 
 
@@ -169,12 +196,17 @@ def run_info(args) -> None:
     data = _read(args.file)
     with _warnings_to_stderr():
         container = parse(data)
-        chunks = [{"step": i + 1, "bytes": len(c)} for i, c in enumerate(container.chunks)]
+        header = container.header
+        layers = []
+        for n, (payload, end) in enumerate(zip(container.layers, container.ends[1:]), start=1):
+            step, layer = header.position(n)
+            layers.append({"step": step, "layer": layer, "bytes": len(payload),
+                           "bpp": 8 * end / (header.height * header.width)})
         if args.ckpt is not None:
             from uqdm.checkpoints import load_module
 
-            from .codec import chunk_ideal_bits
+            from .codec import layer_ideal_bits
 
-            for chunk, bits in zip(chunks, chunk_ideal_bits(load_module(args.ckpt), data)):
-                chunk["ideal_bits"] = bits
-    print(json.dumps({"header": container.header.as_dict(), "bytes": len(data), "chunks": chunks}, indent=2))
+            for entry, bits in zip(layers, layer_ideal_bits(load_module(args.ckpt), data)):
+                entry["ideal_bits"] = bits
+    print(json.dumps({"header": header.as_dict(), "bytes": len(data), "layers": layers}, indent=2))

@@ -1,8 +1,11 @@
-"""The `.uqdm` byte format: a header and its CRC32, then one chunk per coded step (see docs/format.md).
+"""The `.uqdm` byte format: a header and its CRC32, then the layers of each coded step's chunk and
+the lossless chunk (see docs/format.md).
 
+A file is a sequence of up to T·L + 1 layer records (L quality layers per step, one for the lossless
+chunk), each with its own length and CRC32; any prefix ending on a record boundary is a file.
 Parsing checks the header's CRC32 before trusting any of its fields, and every size field against
-the bytes actually present before using it. Each chunk's CRC32 binds it to the header and to its
-position. A file cut inside a chunk yields its complete chunks and a warning; anything else
+the bytes actually present before using it. Each layer's CRC32 binds it to the header and to its
+position. A file cut inside a layer yields its complete layers and a warning; anything else
 malformed is a `UQDMError`.
 """
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from uqdm.errors import UQDMError
 
 MAGIC = b"UQDM"
-VERSION = 2  # 2: a CRC32 after the header; chunk CRCs cover the chunk index
+VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers
 FINGERPRINT_BYTES = 8
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 10
@@ -23,6 +26,7 @@ LIMITS = {
     "width": (1, 1 << 20),
     "tile": (1, 1 << 10),
     "n_timesteps": (1, 1 << 12),
+    "layers": (1, 1 << 6),
     "seed": (0, (1 << 64) - 1),
 }
 MAX_PIXELS = 1 << 28  # height·width, and the padded tiles ⌈H/tile⌉·⌈W/tile⌉·tile²
@@ -30,13 +34,15 @@ MAX_PIXELS = 1 << 28  # height·width, and the padded tiles ⌈H/tile⌉·⌈W/t
 
 @dataclass(frozen=True)
 class Header:
-    """What a decoder needs besides the model: geometry, number of steps T and the shared seed."""
+    """What a decoder needs besides the model: geometry, number of steps T, quality layers L per
+    step and the shared seed."""
 
     fingerprint: bytes
     height: int
     width: int
     tile: int
     n_timesteps: int
+    layers: int
     seed: int
 
     def __post_init__(self):
@@ -54,7 +60,7 @@ class Header:
 
     def to_bytes(self) -> bytes:
         """magic ‖ version ‖ fingerprint ‖ varint fields ‖ CRC32 of all of these."""
-        fields = (self.height, self.width, self.tile, self.n_timesteps, self.seed)
+        fields = (self.height, self.width, self.tile, self.n_timesteps, self.layers, self.seed)
         head = MAGIC + bytes([VERSION]) + self.fingerprint + b"".join(map(varint, fields))
         return head + _crc(head)
 
@@ -66,18 +72,38 @@ class Header:
             "width": self.width,
             "tile": self.tile,
             "n_timesteps": self.n_timesteps,
+            "layers": self.layers,
             "seed": self.seed,
         }
+
+    @property
+    def n_records(self) -> int:
+        """Layer records of a whole file: L per step, then the lossless chunk's one."""
+        return self.n_timesteps * self.layers + 1
+
+    def records_after(self, steps: int) -> int:
+        """Layer records that make up the first `steps` chunks (0 … T + 1)."""
+        return min(steps * self.layers, self.n_records)
+
+    def position(self, record: int) -> tuple[int, int]:
+        """(step, layer), both from 1, of record `record` (from 1); the lossless chunk is step T + 1."""
+        step, layer = divmod(record - 1, self.layers)
+        return (step + 1, layer + 1) if step < self.n_timesteps else (self.n_timesteps + 1, 1)
+
+    def describe(self, record: int) -> str:
+        """Record `record` in words: `layer 2 of step 3`, or `the lossless chunk`."""
+        step, layer = self.position(record)
+        return "the lossless chunk" if step > self.n_timesteps else f"layer {layer} of step {step}"
 
 
 @dataclass(frozen=True)
 class Container:
-    """A parsed file: its header, the payloads of its complete chunks, and where each ends."""
+    """A parsed file: its header, the payloads of its complete layer records, and where each ends."""
 
     header: Header
-    chunks: list[bytes]
-    ends: list[int]  # byte offset just past the header (ends[0]) and past each chunk
-    truncated: bool  # the data ended inside a chunk
+    layers: list[bytes]  # record n (from 1) is layers[n - 1]; see `Header.position`
+    ends: list[int]  # byte offset just past the header (ends[0]) and past each record
+    truncated: bool  # the data ended inside a record
 
 
 def varint(value: int) -> bytes:
@@ -107,21 +133,22 @@ def _crc(data: bytes, start: int = 0) -> bytes:
     return zlib.crc32(data, start).to_bytes(CRC_BYTES, "little")
 
 
-def chunk_crc(header: bytes, index: int, length: bytes, payload: bytes) -> bytes:
+def record_crc(header: bytes, index: int, length: bytes, payload: bytes) -> bytes:
     """CRC32 of header (with its CRC) ‖ index (u32 LE, from 1) ‖ length ‖ payload, little-endian:
-    a chunk moved, repeated or following a dropped one fails its check."""
+    a layer moved, repeated or following a dropped one fails its check."""
     return _crc(index.to_bytes(4, "little") + length + payload, zlib.crc32(header))
 
 
-def pack(header: Header, chunks: list[bytes]) -> bytes:
-    """Header bytes followed by each chunk as length (varint) ‖ payload ‖ CRC32."""
+def pack(header: Header, layers: list[bytes]) -> bytes:
+    """Header bytes followed by each layer record as length (varint) ‖ payload ‖ CRC32."""
     head = header.to_bytes()
-    if len(chunks) > header.n_timesteps + 1:
-        raise ValueError(f"{len(chunks)} chunks for T = {header.n_timesteps} (at most T + 1)")
+    if len(layers) > header.n_records:
+        raise ValueError(f"{len(layers)} layers for T = {header.n_timesteps}, L = {header.layers} "
+                         f"(at most T·L + 1 = {header.n_records})")
     parts = [head]
-    for index, payload in enumerate(chunks, start=1):
+    for index, payload in enumerate(layers, start=1):
         length = varint(len(payload))
-        parts += [length, payload, chunk_crc(head, index, length, payload)]
+        parts += [length, payload, record_crc(head, index, length, payload)]
     return b"".join(parts)
 
 
@@ -133,7 +160,8 @@ def parse_header(data: bytes) -> tuple[Header, int]:
     if len(data) <= pos:
         raise UQDMError("truncated .uqdm file: it ends inside the header")
     if data[pos] != VERSION:
-        raise UQDMError(f"unsupported .uqdm format version {data[pos]} (this uqdm reads version {VERSION})")
+        raise UQDMError(f"unsupported .uqdm format version {data[pos]} (this uqdm reads version {VERSION})"
+                        + ("; compress the image again" if data[pos] < VERSION else ""))
     fingerprint = data[pos + 1 : pos + 1 + FINGERPRINT_BYTES]
     pos += 1 + FINGERPRINT_BYTES
     values = {}
@@ -154,40 +182,53 @@ def parse_header(data: bytes) -> tuple[Header, int]:
 
 
 def parse(data: bytes) -> Container:
-    """Split a file (or a prefix of one) into header and verified chunks.
+    """Split a file (or a prefix of one) into header and verified layer records.
 
     Raises:
-        UQDMError: bad magic or version, a header CRC mismatch or field out of range, a chunk CRC
-            mismatch (also a chunk out of place), or bytes after
-            the T + 1 chunks a file can hold. A file ending inside a chunk only warns.
+        UQDMError: bad magic or version, a header CRC mismatch or field out of range, a layer CRC
+            mismatch (also a layer out of place), or bytes after the T·L + 1 layers a file can
+            hold. A file ending inside a layer only warns.
     """
     header, pos = parse_header(data)
     head = data[:pos]
-    chunks, ends = [], [pos]
+    layers, ends = [], [pos]
     while pos < len(data):
-        index = len(chunks) + 1
-        if index > header.n_timesteps + 1:
-            raise UQDMError(f"corrupt .uqdm file: {len(data) - pos} bytes after the last of its {index - 1} chunks")
+        index = len(layers) + 1
+        if index > header.n_records:
+            raise UQDMError(f"corrupt .uqdm file: {len(data) - pos} bytes after the last of its {index - 1} layers")
         read = _read_varint(data, pos)
         if read is None or read[1] + read[0] + CRC_BYTES > len(data):
             warnings.warn(
-                f"the .uqdm file ends inside chunk {index}; decoding its {index - 1} complete chunks",
+                f"the .uqdm file ends inside {header.describe(index)}; decoding its {index - 1} complete layers",
                 stacklevel=2,
             )
-            return Container(header, chunks, ends, truncated=True)
+            return Container(header, layers, ends, truncated=True)
         length, start = read
         payload, crc = data[start : start + length], data[start + length : start + length + CRC_BYTES]
-        if crc != chunk_crc(head, index, data[pos:start], payload):
-            raise UQDMError(f"corrupt .uqdm file: chunk {index} fails its CRC32 check")
-        chunks.append(payload)
+        if crc != record_crc(head, index, data[pos:start], payload):
+            raise UQDMError(f"corrupt .uqdm file: {header.describe(index)} fails its CRC32 check")
+        layers.append(payload)
         pos = start + length + CRC_BYTES
         ends.append(pos)
-    return Container(header, chunks, ends, truncated=False)
+    return Container(header, layers, ends, truncated=False)
 
 
-def truncate(data: bytes, n_chunks: int) -> bytes:
-    """The prefix of a file that ends after its first `n_chunks` chunks (no model needed)."""
+def truncate(data: bytes, steps: int | None = None, layers: int | None = None, max_bytes: int | None = None) -> bytes:
+    """The prefix of a file (no model needed) that ends after its first `steps` chunks (T + 1: all),
+    after its first `layers` layer records, or at the last layer boundary within `max_bytes`."""
+    if sum(x is not None for x in (steps, layers, max_bytes)) != 1:
+        raise ValueError("give exactly one of steps, layers and max_bytes")
     container = parse(data)
-    if not 0 <= n_chunks <= len(container.chunks):
-        raise UQDMError(f"cannot keep {n_chunks} chunks: the file holds {len(container.chunks)} complete chunks")
-    return data[: container.ends[n_chunks]]
+    held = len(container.layers)
+    if max_bytes is not None:
+        if max_bytes < container.ends[0]:
+            raise UQDMError(f"{max_bytes} bytes cannot hold even the {container.ends[0]}-byte header")
+        return data[: max(end for end in container.ends if end <= max_bytes)]
+    if steps is not None:
+        if not 0 <= steps <= container.header.n_timesteps + 1:
+            raise UQDMError(f"steps must be between 0 and {container.header.n_timesteps + 1} (T + 1: lossless), "
+                            f"got {steps}")
+        layers = container.header.records_after(steps)
+    if not 0 <= layers <= held:
+        raise UQDMError(f"cannot keep {layers} layers: the file holds {held} complete layers")
+    return data[: container.ends[layers]]

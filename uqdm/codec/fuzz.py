@@ -9,8 +9,8 @@ from its strategy name and seed.
 
 The decoder may only
 - decode: no warning, and the picture is the original file's picture at the same truncation point
-  (`decoded` for all T + 1 chunks, `decoded_prefix` for a prefix ending on a chunk boundary);
-- decode with the truncation warning, again to the original's picture after the complete chunks
+  (`decoded` for all T·L + 1 layers, `decoded_prefix` for a prefix ending on a layer boundary);
+- decode with the truncation warning, again to the original's picture after the complete layers
   (`decoded_prefix_warned`);
 - refuse with a one-line `UQDMError` (`rejected`).
 Anything else is a bug: `traceback` (any other exception), `hang` (over the time limit),
@@ -51,7 +51,8 @@ TIME_LIMIT = 5.0  # seconds per decode before it counts as a hang
 MEMORY_HEADROOM = 1 << 30  # address space a decode may add (the tiny file needs a few MB)
 
 OK = ("decoded", "decoded_prefix", "decoded_prefix_warned", "rejected")
-TRUNCATION_WARNING = re.compile(r"the \.uqdm file ends inside chunk \d+; decoding its \d+ complete chunks")
+TRUNCATION_WARNING = re.compile(r"the \.uqdm file ends inside (layer \d+ of step \d+|the lossless chunk); "
+                                r"decoding its \d+ complete layers")
 
 
 # --- the real file --------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class Sample:
     header: Header
     ends: tuple[int, ...]  # just past the header, then just past each chunk
     payloads: tuple[bytes, ...]
-    refs: tuple[torch.Tensor, ...]  # refs[p]: the picture after p chunks, p = 0 … T + 1
+    refs: tuple[torch.Tensor, ...]  # refs[p]: the picture after p layers, p = 0 … T·L + 1
     image: torch.Tensor
 
     @property
@@ -101,7 +102,7 @@ def make_sample(module: UQDMModule, image: torch.Tensor | None = None, tile: int
     container = parse(data)
     refs = decompress(module, data, all_points=True).points
     assert torch.equal(refs[-1], image)
-    return Sample(data, container.header, tuple(container.ends), tuple(container.chunks), tuple(refs), image)
+    return Sample(data, container.header, tuple(container.ends), tuple(container.layers), tuple(refs), image)
 
 
 def save_module(module: UQDMModule, path: Path) -> Path:
@@ -117,9 +118,9 @@ def _randbytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.getrandbits(8) for _ in range(n))
 
 
-def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, seed, version: int = VERSION) -> bytes:
+def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, layers, seed, version: int = VERSION) -> bytes:
     """Header bytes with any field values (ints, or raw bytes for a field), bypassing `Header`'s checks."""
-    fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, seed)]
+    fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, layers, seed)]
     return MAGIC + bytes([version]) + fingerprint + b"".join(fields)
 
 
@@ -184,6 +185,7 @@ ABSURD_FIELDS = {
     "width": (0, 2**20 + 1, 10**12, 2**64),
     "tile": (0, 2**12 + 1, 2**20, 2**40),
     "n_timesteps": (0, 2**12 + 1, 10**9, 2**63),
+    "layers": (0, 2**6 + 1, 2**40),
     "seed": (2**64, 2**70 - 1),
 }
 
@@ -199,7 +201,8 @@ def absurd_size(rng, s):
         new = rng.choice([*map(varint, ABSURD_LENGTHS), OVERLONG_VARINT])
         segs[c] = new + segs[c][old:]
         return s.head + b"".join(segs[: c + 1] if rng.random() < 0.5 else segs)
-    fields = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "seed": h.seed}
+    fields = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "layers": h.layers,
+              "seed": h.seed}
     if rng.random() < 0.15:  # in range one by one, but an absurd padded size: 2^20 tiles of 4096²
         fields.update(height=1, width=2**20, tile=2**12)
     else:
@@ -263,17 +266,19 @@ def recrc_header(rng, s):
     """An in-range header field changed and every CRC recomputed (a consistent file of another
     geometry, T or seed holding this file's payloads): any picture is fine, never a traceback."""
     h = s.header
-    fields = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "seed": h.seed}
+    fields = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "layers": h.layers,
+              "seed": h.seed}
     name = rng.choice(list(fields))
     fields[name] = {
         "height": lambda: rng.randint(1, 24),
         "width": lambda: rng.randint(1, 24),
         "tile": lambda: rng.choice([1, 2, 3, 5, 8, 16]),
         "n_timesteps": lambda: rng.randint(1, 6),
+        "layers": lambda: rng.randint(1, 6),
         "seed": lambda: rng.getrandbits(64),
     }[name]()
     header = Header(h.fingerprint, **fields)
-    return pack(header, list(s.payloads[: rng.randint(0, min(len(s.payloads), header.n_timesteps + 1))]))
+    return pack(header, list(s.payloads[: rng.randint(0, min(len(s.payloads), header.n_records))]))
 
 
 MUTATIONS: dict[str, Mutation] = {
@@ -377,10 +382,10 @@ class Result:
 
 
 def _expected_points(data: bytes) -> int:
-    """Complete chunks in `data` (as the decoder counts them)."""
+    """Complete layers in `data` (as the decoder counts them)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return len(parse(data).chunks)
+        return len(parse(data).layers)
 
 
 def judge_decoded(sample: Sample, data: bytes, image: torch.Tensor, warned: bool, check_picture: bool) -> tuple[str, str]:
@@ -389,10 +394,10 @@ def judge_decoded(sample: Sample, data: bytes, image: torch.Tensor, warned: bool
         expected = sample.refs[p]
         if image.shape != expected.shape or not torch.equal(image, expected):
             kind = "warned_wrong_picture" if warned else "silent_wrong_picture"
-            return kind, f"{tuple(image.shape)} picture differs from the original's after {p} chunks"
+            return kind, f"{tuple(image.shape)} picture differs from the original's after {p} layers"
     if warned:
-        return "decoded_prefix_warned", f"{p} chunks"
-    return ("decoded" if p == len(sample.payloads) else "decoded_prefix"), f"{p} chunks"
+        return "decoded_prefix_warned", f"{p} layers"
+    return ("decoded" if p == len(sample.payloads) else "decoded_prefix"), f"{p} layers"
 
 
 def classify(module: UQDMModule, sample: Sample, data: bytes, check_picture: bool = True,

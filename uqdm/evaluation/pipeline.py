@@ -106,12 +106,14 @@ def run_chain(model: UQDM, images: Sequence[Tensor], scores: ProgressiveScores, 
 def compress_each(module: nn.Module, images: Sequence[Tensor], *, seed: int = 0, tile: int = 64,
                   progress: Progress | None = None) -> tuple[list[bytes], list[list[float]], list[list[float]]]:
     """Each image's `.uqdm` file (seed `seed + n` for image n) and, per image and truncation point,
-    the real cumulative bits per pixel (the file's bytes up to that point's chunk, header
-    included) and the encoding time (`timed_codec.encode_timed`)."""
+    the real cumulative bits per pixel (the file's bytes up to the end of that point's chunk, all its
+    layers, header included) and the encoding time (`timed_codec.encode_timed`)."""
     files, file_bpp, times = [], [], []
     for n, image in enumerate(images):
         data, seconds = encode_timed(module, image, seed=seed + n, tile=tile)
-        file_bpp.append([bits_per_pixel(8 * end, image) for end in parse(data).ends])
+        container = parse(data)
+        steps = range(container.header.n_timesteps + 2)
+        file_bpp.append([bits_per_pixel(8 * container.ends[container.header.records_after(k)], image) for k in steps])
         files.append(data)
         times.append(seconds)
         if progress is not None:

@@ -23,12 +23,14 @@ def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int) -> t
 
 
 def decode_timed(module: nn.Module, data: bytes) -> tuple[Tensor, list[float]]:
-    """The decoded image and, per truncation point p, the seconds until the decoder showed p's
-    denoise picture, having shown every earlier point's on the way (progressive display)."""
+    """The decoded image and, per step's truncation point p (p chunks), the seconds until the decoder
+    showed p's denoise picture, having shown every earlier point's (every layer's) on the way
+    (progressive display)."""
     times = []
     start = time.perf_counter()
     decoded = codec.decompress(module, data, on_point=lambda *_: times.append(time.perf_counter() - start))
-    return decoded.image, times
+    header = decoded.header
+    return decoded.image, [times[header.records_after(k)] for k in range(header.n_timesteps + 2)]
 
 
 def decode_each(module: nn.Module, files: Sequence[bytes], images: Sequence[Tensor],
