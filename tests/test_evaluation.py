@@ -34,6 +34,7 @@ from uqdm.evaluation.pipeline import run_chain
 from uqdm.evaluation.report import compressai_files, results_table
 from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
+from uqdm.options import DEFAULT_LAYERS
 
 from compressai_format import PUBLISHED_JPEG, compressai_plot_reads, write_published
 
@@ -322,6 +323,15 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
     assert [w for w in results["warnings"] if w.startswith("LPIPS is off: the smallest image has a 16 px side")]
     assert set(results["codecs"]) == {"jpeg", "webp"} and set(results["bd_rate"]) == {"jpeg", "webp"}
     assert {"quality", "bpp", "psnr"} <= set(results["codecs"]["jpeg"][0])
+
+    # every layer point, from the decoder's denoise pictures; the step points among them
+    per_step, layers = DEFAULT_LAYERS, results["uqdm"]["layer_points"]
+    assert [p["point"] for p in layers] == list(range(2 * per_step + 2))
+    assert [(p["step"], p["layer"]) for p in layers] == [(0, 0), *((s, n) for s in (1, 2) for n in range(1, per_step + 1)), (3, 1)]
+    assert [layers[min(k * per_step, 2 * per_step + 1)]["bpp_file"] for k in range(4)] == pytest.approx(real)
+    assert all(b["bpp_file"] > a["bpp_file"] for a, b in zip(layers, layers[1:]))
+    assert all(p["psnr_denoise"] > 0 for p in layers[:-1]) and layers[-1]["psnr_denoise"] is None
+    assert set(results["bd_rate_layers"]) == {"jpeg", "webp"} and "BD-rate over every layer point" in printed
 
     # times per image: the encoder codes chunk after chunk, the denoise decoder shows point after point
     encoding, decoding = [p["encoding_time"] for p in points], [p["decoding_time"] for p in points]

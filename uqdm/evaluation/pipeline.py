@@ -128,6 +128,26 @@ def bd_rates(points: list[dict], codecs: dict[str, list[dict]]) -> dict[str, flo
     return {name: bd_rate([q["bpp"] for q in s], [q["psnr"] for q in s], bpp, psnr) for name, s in codecs.items()}
 
 
+def _as_points(layers: list[dict]) -> list[dict]:
+    """Layer points in the shape `bd_rates` reads."""
+    return [{"bpp_file": p["bpp_file"], "psnr": {"denoise": p["psnr_denoise"]}} for p in layers]
+
+
+def layer_points(files: Sequence[bytes], images: Sequence[Tensor], psnr: list[list[float]]) -> list[dict]:
+    """`[{"point", "step", "layer", "bpp_file", "psnr_denoise"}]` at every layer boundary (point p:
+    the first p layers; the last is the lossless chunk), means over images; PSNR None where a
+    picture is exact."""
+    bpp = [[bits_per_pixel(8 * end, image) for end in parse(data).ends] for data, image in zip(files, images)]
+    header = parse(files[0]).header
+    points = [{"point": 0, "step": 0, "layer": 0}] + [
+        dict(zip(("point", "step", "layer"), (p, *header.position(p)))) for p in range(1, header.n_records + 1)]
+    for j, point in enumerate(points):
+        point["bpp_file"] = float(np.mean([b[j] for b in bpp]))
+        values = [q[j] for q in psnr]
+        point["psnr_denoise"] = float(np.mean(values)) if all(map(math.isfinite, values)) else None
+    return points
+
+
 def run_classical(images: Sequence[Tensor], codecs: Sequence[str], ssim: str, times: dict,
                   progress: Callable[[str, int, str], Progress] | None = None) -> tuple[dict, dict, list[str]]:
     """Each available codec's quality sweep (`classical.sweep`: the points, and the per-image
@@ -164,15 +184,18 @@ def evaluate(
 
     `{"images", "size", "tile", "seed", "ssim_metric", "uqdm": {"nelbo_bpp", "points": [{"point",
     "name", "bpp_ideal", "bpp_file", "psnr": {method: dB}, "ssim": {...}, "lpips": {...} | None,
-    "fid": {...} | None, "encoding_time", "decoding_time"}]}, "codecs": {name: [{"quality", "bpp", "psnr", "ssim",
+    "fid": {...} | None, "encoding_time", "decoding_time"}], "layer_points": [{"point", "step", "layer",
+    "bpp_file", "psnr_denoise"}] | None}, "codecs": {name: [{"quality", "bpp", "psnr", "ssim",
     "encoding_time", "decoding_time"}]}, "codec_settings": {name: knob}, "bd_rate": {name: %},
+    "bd_rate_layers": {name: %},
     "per_image": [row, ...], "warnings": [...], "time_s": {...}}`. Means are over images; bpp are
     cumulative bits per pixel; PSNR is None where every image is exact; `nelbo_bpp` is the NELBO
     on the transmitted latents, i.e. the ideal lossless bpp; times are seconds per image (UQDM's
     decoding time: the denoise decoder's, None without `decode`); `per_image` holds one row per
     image, curve and point (`rows`), images named by `names` (default: their index).
     `lpips` (`perceptual.load_lpips`) and `inception` (`fid.load_inception`) add LPIPS and FID.
-    `decode` decodes every file again, timed, and warns about any that is not its image.
+    `decode` decodes every file again, timed, and warns about any that is not its image; its denoise
+    pictures after every layer give `layer_points` and `bd_rate_layers` (None and {} without it).
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
     names = [str(n) for n in range(len(images))] if names is None else list(names)
@@ -191,12 +214,13 @@ def evaluate(
     bar = progress("UQDM files", len(images), "image") if progress else None
     files, file_bpp, encoding_time = compress_each(module, images, seed=seed, tile=tile, progress=bar)
     times["uqdm_files"] = time.perf_counter() - start
-    warnings, decoding_time = [], None
+    warnings, decoding_time, layers = [], None, None
     if decode:
         start = time.perf_counter()
-        decoding_time, warnings = decode_each(module, files, images,
-                                              progress("UQDM decoding", len(images), "image") if progress else None)
+        decoding_time, layer_psnr, warnings = decode_each(
+            module, files, images, progress("UQDM decoding", len(images), "image") if progress else None)
         times["uqdm_decoding"] = time.perf_counter() - start
+        layers = layer_points(files, images, layer_psnr)
     mean = lambda per_image, j: float(np.mean([values[j] for values in per_image]))
     points = [
         {
@@ -226,10 +250,11 @@ def evaluate(
         "tile": tile,
         "seed": seed,
         "ssim_metric": kind,
-        "uqdm": {"nelbo_bpp": s["bpp"][-1], "points": points},
+        "uqdm": {"nelbo_bpp": s["bpp"][-1], "points": points, "layer_points": layers},
         "codecs": classical,
         "codec_settings": {name: CODECS[name].knob for name in classical},
         "bd_rate": bd_rates(points, classical) if "denoise" in methods else {},
+        "bd_rate_layers": bd_rates(_as_points(layers), classical) if layers else {},
         "per_image": rows,
         "warnings": warnings,
         "time_s": times,

@@ -55,21 +55,31 @@ def results_table(results: dict) -> str:
     rows = [[p["name"], p["bpp_ideal"], p["bpp_file"], *(p[k][m] for k in kinds for m in methods)] for p in points]
     text = format_table(columns, rows)
     if results["bd_rate"]:
-        rates = ", ".join(f"{codec_label(c)} {'-' if v is None else f'{v:+.1f}%'}"
-                          for c, v in results["bd_rate"].items())
-        text += f"\nBD-rate of UQDM (denoise, real files) against: {rates}"
+        text += f"\nBD-rate of UQDM (denoise, real files) against: {_rates(results['bd_rate'])}"
+    if results.get("bd_rate_layers"):
+        text += f"\nBD-rate over every layer point: {_rates(results['bd_rate_layers'])}"
     if results.get("fid_protocol"):
         text += f"\nFID compares {results['fid_protocol']['comparable']} (fid_protocol in results.json)"
     return text
 
 
+def _rates(bd_rates: dict) -> str:
+    """`JPEG -16.6%, WebP +55.0%, …` (`-` where a BD-rate is undefined)."""
+    return ", ".join(f"{codec_label(c)} {'-' if v is None else f'{v:+.1f}%'}" for c, v in bd_rates.items())
+
+
 def rd_curves(results: dict) -> dict[str, tuple[list, list]]:
     """Every curve of `results.json` as `label -> (bpp, psnr)`: UQDM per method (real file sizes,
-    lossy points; ideal bits where a run wrote no files), then the classical codecs (if any)."""
+    lossy points; ideal bits where a run wrote no files), UQDM's layer points (denoise, when
+    measured), then the classical codecs (if any)."""
     points = [p for p in results["uqdm"]["points"] if p["name"] != "lossless"]
     methods = list(points[0]["psnr"])
     bpp = [p["bpp_file"] if p.get("bpp_file") is not None else p["bpp_ideal"] for p in points]
     curves = uqdm_curves(bpp, {m: [p["psnr"][m] for p in points] for m in methods})
+    layers = [p for p in results["uqdm"].get("layer_points") or [] if p["psnr_denoise"] is not None]
+    if layers:
+        curves[f"{uqdm_label('denoise')}, every layer"] = ([p["bpp_file"] for p in layers],
+                                                          [p["psnr_denoise"] for p in layers])
     for codec, sweep in results.get("codecs", {}).items():
         curves[codec_label(codec)] = ([q["bpp"] for q in sweep], [q["psnr"] for q in sweep])
     return curves

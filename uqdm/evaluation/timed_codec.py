@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from uqdm import codec
 
+from .quality import psnr_per_image
+
 
 def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int) -> tuple[bytes, list[float]]:
     """One image's file and, per truncation point p (p chunks: z₁ alone, the steps, lossless), the
@@ -22,27 +24,35 @@ def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int) -> t
     return data, times
 
 
-def decode_timed(module: nn.Module, data: bytes) -> tuple[Tensor, list[float]]:
-    """The decoded image and, per step's truncation point p (p chunks), the seconds until the decoder
+def decode_timed(module: nn.Module, data: bytes, image: Tensor) -> tuple[Tensor, list[float], list[float]]:
+    """The decoded image; per step's truncation point p (p chunks), the seconds until the decoder
     showed p's denoise picture, having shown every earlier point's (every layer's) on the way
-    (progressive display)."""
-    times = []
+    (progressive display); and the PSNR (dB, inf where exact) of the picture after every layer."""
+    times, psnr = [], []
+
+    def shown(_, picture: Tensor) -> None:
+        times.append(time.perf_counter() - start)
+        psnr.append(psnr_per_image(picture[None], image[None]).item())
+
     start = time.perf_counter()
-    decoded = codec.decompress(module, data, on_point=lambda *_: times.append(time.perf_counter() - start))
+    decoded = codec.decompress(module, data, on_point=shown)
     header = decoded.header
-    return decoded.image, [times[header.records_after(k)] for k in range(header.n_timesteps + 2)]
+    return decoded.image, [times[header.records_after(k)] for k in range(header.n_timesteps + 2)], psnr
 
 
 def decode_each(module: nn.Module, files: Sequence[bytes], images: Sequence[Tensor],
-                progress: Callable[[int], None] | None = None) -> tuple[list[list[float]], list[str]]:
-    """Decode every file (`decode_timed`): its decoding times per point, and a warning for each
-    file that does not decode to its image (a codec bug; nothing else is affected)."""
-    times, warnings = [], []
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[list[list[float]], list[list[float]], list[str]]:
+    """Decode every file (`decode_timed`): its decoding times per step point, its PSNR per layer
+    point, and a warning for each file that does not decode to its image (a codec bug; nothing else
+    is affected)."""
+    times, psnr, warnings = [], [], []
     for n, (data, image) in enumerate(zip(files, images)):
-        decoded, seconds = decode_timed(module, data)
+        decoded, seconds, layer_psnr = decode_timed(module, data, image)
         times.append(seconds)
+        psnr.append(layer_psnr)
         if not torch.equal(decoded, image):
             warnings.append(f"the file of image {n} does not decode to the image")
         if progress is not None:
             progress(1)
-    return times, warnings
+    return times, psnr, warnings
