@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flops import forward_flops, matmul_peak_gflops
+from flops import forward_flops, matmul_peak_gflops, share_of_peak
 from timing import median_seconds
 from uqdm.checkpoints import load_module
 from uqdm.codec import coder, compress, decompress, exact, import_official, parse, save_checkpoint, tables
@@ -393,7 +393,8 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
         seconds = median_seconds(lambda: net(x, g), repeats=3)
         peak = matmul_peak_gflops(x.dtype)
         out[name] = {"ms_per_image": 1e3 * seconds / batch_tiles, "gflops": flops / seconds / 1e9,
-                     "mm_peak_gflops": peak, "share_of_peak": flops / seconds / 1e9 / peak, **op_shares(net, x, g)}
+                     "mm_peak_gflops": peak, "share_of_peak": share_of_peak(lambda: net(x, g), flops, x.dtype, rounds=3),
+                     **op_shares(net, x, g)}
     out["f64_over_f32"] = out["f64"]["ms_per_image"] / out["f32"]["ms_per_image"]
     net64, x64, g64 = nets["f64"]
     # the codec's sub-batch (tiles per network call) against one tile per call

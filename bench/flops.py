@@ -7,6 +7,9 @@ per attention over N = H·W pixels with `heads` heads of width d, q·kᵀ and we
 2·B·heads·N²·d FLOPs, 4·B·N²·C in all (C = heads·d channels); the softmax is not counted.
 """
 
+import statistics
+import time
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,3 +49,20 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048) -> flo
     """2·n³ / t for a `torch.mm` of two n×n matrices of `dtype`: the machine's practical peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats=5) / 1e9
+
+
+def share_of_peak(fn, flops: int, dtype: torch.dtype = torch.float32, n: int = 2048, rounds: int = 5) -> float:
+    """Median over `rounds` of (flops / t_fn) / (2·n³ / t_mm), `fn()` and one n×n `torch.mm` timed
+    back to back each round, so that a machine busy with other work slows both alike."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    fn(), torch.mm(a, b)  # warm-up
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        t_fn = time.perf_counter() - start
+        start = time.perf_counter()
+        torch.mm(a, b)
+        t_mm = time.perf_counter() - start
+        ratios.append((flops / t_fn) / (2 * n**3 / t_mm))
+    return statistics.median(ratios)
