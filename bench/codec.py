@@ -412,7 +412,7 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
         t_variant = median_seconds(lambda: net(x64, g64), repeats=3)
         t_plain = median_seconds(lambda: net64(x64, g64), repeats=3)
         # the header's fingerprint names the network's class, so only the payloads can agree
-        same = parse(compress(with_network(module, wrap), [image])[0]).chunks == parse(reference_file).chunks
+        same = parse(compress(with_network(module, wrap), [image])[0]).layers == parse(reference_file).layers
         out[f"f64_{name}"] = {"over_plain": t_variant / t_plain, "first_call_s": first_s, "same_bytes": same}
     return out
 
