@@ -440,6 +440,15 @@ def linearity(xs: list[float], ys: list[float], unit: str, tolerance: float = LI
     return {"fixed_ms": a, f"ms_per_{unit}": b, "max_deviation": deviation[worst], "linear": linear, "verdict": verdict}
 
 
+def series_linearity(name: str, xs: list[float], points: list[dict], unit: str) -> dict:
+    """`linearity` of a series' encode + decode time (`NAME_linearity`), and the verdicts of its
+    encode and decode times alone."""
+    out = {f"{name}_linearity": linearity(xs, [p["encode_ms"] + p["decode_ms"] for p in points], unit)}
+    for part in ("encode", "decode"):
+        out[f"{name}_{part}_linearity"] = linearity(xs, [p[f"{part}_ms"] for p in points], unit)["verdict"]
+    return out
+
+
 def memory_growth(points: list[dict]) -> dict:
     """Peak memory against area: the growth per added pixel between the two largest images."""
     small, large = points[-2], points[-1]
@@ -496,14 +505,10 @@ def run_scaling(section3: dict | None = None, workdir: Path | None = None) -> di
     return {
         "threads": threads,
         "area": area,
-        "area_linearity": linearity(mp, [p["encode_ms"] + p["decode_ms"] for p in area], "megapixel"),
-        "area_encode_linearity": linearity(mp, [p["encode_ms"] for p in area], "megapixel")["verdict"],
-        "area_decode_linearity": linearity(mp, [p["decode_ms"] for p in area], "megapixel")["verdict"],
+        **series_linearity("area", mp, area, "megapixel"),
         "memory": memory_growth(area),
         "steps": steps,
-        "steps_linearity": linearity(ts, [r["encode_ms"] + r["decode_ms"] for r in steps], "step"),
-        "steps_encode_linearity": linearity(ts, [r["encode_ms"] for r in steps], "step")["verdict"],
-        "steps_decode_linearity": linearity(ts, [r["decode_ms"] for r in steps], "step")["verdict"],
+        **series_linearity("steps", ts, steps, "step"),
         "wall_s": time.perf_counter() - start,
         "notes": ("area: centre crops of kodim01 in a fresh process (768x512: section 3's), "
                   "1 timed run each after a 64x64 warm-up; "

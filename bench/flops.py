@@ -8,12 +8,11 @@ per attention over N = H·W pixels with `heads` heads of width d, q·kᵀ and we
 """
 
 import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from timing import median_seconds
+from timing import median_seconds, seconds
 from uqdm.network import Attention
 
 
@@ -56,13 +55,5 @@ def share_of_peak(fn, flops: int, dtype: torch.dtype = torch.float32, n: int = 2
     back to back each round, so that a machine busy with other work slows both alike."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     fn(), torch.mm(a, b)  # warm-up
-    ratios = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        t_fn = time.perf_counter() - start
-        start = time.perf_counter()
-        torch.mm(a, b)
-        t_mm = time.perf_counter() - start
-        ratios.append((flops / t_fn) / (2 * n**3 / t_mm))
+    ratios = [(flops / seconds(fn)) / (2 * n**3 / seconds(lambda: torch.mm(a, b))) for _ in range(rounds)]
     return statistics.median(ratios)
