@@ -1,5 +1,7 @@
 """The training command line: LightningCLI with OmegaConf configs, as `uqdm`, `lightning` and `python -m uqdm`."""
 
+import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uqdm.cli import main
+from uqdm.cli import COMMANDS, TOOLS, main, tools_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "experiments" / "default.yaml")
@@ -72,3 +74,41 @@ def test_bad_config_value_is_a_clear_error(tmp_path, capsys, monkeypatch):
         main(["fit", "--config", DEFAULT, "--model.n_timesteps=four"])
     assert exit_.value.code != 0
     assert "n_timesteps" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_in_one_line_each_without_importing_them(tmp_path):
+    probe = ("import sys; from uqdm.cli import main; main(['--help']); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'lightning', 'wandb'}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    *listing, imported = out.stdout.splitlines()
+    assert imported == "[]"
+    names = ["fit", "validate", "test", "predict", "compress", "decompress", "truncate", "info", "evaluate",
+             "import-official", "sweep-local", "plot"]
+    described = [line.split()[0] for line in listing if line.startswith("  ") and len(line.split()) > 1]
+    assert described == names
+
+
+def test_an_unknown_command_is_one_line_that_names_them_all(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evalute", "--ckpt", "x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("uqdm: error: unknown command 'evalute'")
+    assert all(name in err for name in COMMANDS)
+
+
+def test_the_command_table_matches_what_the_modules_and_lightning_register(capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    assert {name for name, (module, _) in COMMANDS.items() if module is None} == set(LightningCLI.subcommands())
+    for module in set(TOOLS.values()):
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(subparsers)
+        assert set(subparsers.choices) == {name for name, m in TOOLS.items() if m == module}
+    assert tools_parser("truncate").parse_args(["truncate", "f", "--steps", "1", "-o", "g"]).command == "truncate"
+    with pytest.raises(SystemExit) as exit_:  # a command's help starts with its line of `uqdm --help`
+        main(["truncate", "--help"])
+    assert exit_.value.code == 0 and COMMANDS["truncate"][1] in capsys.readouterr().out

@@ -1,37 +1,46 @@
-"""The `uqdm` (and `lightning`) command: LightningCLI for fit/validate/test, plus the codec and
-evaluation tools. Argument parsing and error messages only; the work happens in the modules."""
+"""The `uqdm` (and `lightning`) command: LightningCLI for fit/validate/test/predict, plus the codec
+and evaluation tools. Argument parsing and error messages only; the work happens in the modules.
+
+`uqdm --help` and an unknown command answer from `COMMANDS` alone, importing no subcommand module."""
 
 import argparse
 import importlib
-import netrc
 import os
 import sys
 
 from .errors import UQDMError
 
-# Tool subcommands -> the module whose `register(subparsers)` adds them (setting `run` on each).
-TOOLS = {
-    "import-official": "uqdm.codec.commands",
-    "compress": "uqdm.codec.commands",
-    "decompress": "uqdm.codec.commands",
-    "truncate": "uqdm.codec.commands",
-    "info": "uqdm.codec.commands",
-    "evaluate": "uqdm.evaluation.commands",
-    "plot": "uqdm.evaluation.overlay",
-    "sweep-local": "uqdm.sweeps",
+# Every subcommand: the module whose `register(subparsers)` adds it (setting `run`; None: LightningCLI's)
+# and its one-line description, shown by `uqdm --help` and at the top of `uqdm COMMAND --help`.
+COMMANDS = {
+    "fit": (None, "train a model (--config, --model.*, --data.*, --trainer.*; --ckpt_path last resumes)"),
+    "validate": (None, "validation losses of a checkpoint (--ckpt_path)"),
+    "test": (None, "test losses and progressive metrics of a checkpoint (--ckpt_path)"),
+    "predict": (None, "run Lightning's predict loop with a checkpoint"),
+    "compress": ("uqdm.codec.commands", "compress images into .uqdm files: lossless, K steps, or a bpp budget"),
+    "decompress": ("uqdm.codec.commands", "decode .uqdm files (or prefixes of them) to PNG"),
+    "truncate": ("uqdm.codec.commands", "cut a .uqdm file after K chunks or to a byte/bpp budget (no model needed)"),
+    "info": ("uqdm.codec.commands", "describe a .uqdm file as JSON (header, layer sizes, ideal bits with --ckpt)"),
+    "evaluate": ("uqdm.evaluation.commands", "progressive rate-distortion of a checkpoint next to classical codecs"),
+    "import-official": ("uqdm.codec.commands", "turn a released model folder into a uqdm checkpoint"),
+    "sweep-local": ("uqdm.sweeps", "run a W&B grid sweep file here, without a W&B server"),
+    "plot": ("uqdm.evaluation.overlay", "overlay the RD curves of several runs and print BD-rates"),
 }
+TOOLS = {name: module for name, (module, _) in COMMANDS.items() if module is not None}
 
 
-def wandb_offline_without_account() -> None:
-    """Run W&B offline (runs land in ./wandb, syncable later) unless an account is configured."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return
-    except (OSError, netrc.NetrcParseError):
-        pass
-    os.environ["WANDB_MODE"] = "offline"
+def overview() -> str:
+    """What `uqdm --help` prints: every subcommand with its one line."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join([
+        "usage: uqdm COMMAND [options]    (uqdm COMMAND --help: the options of one command)",
+        "",
+        "Universally Quantized Diffusion Models for progressive image compression.",
+        "",
+        "commands:",
+        *lines,
+    ])
 
 
 def lightning_main(argv: list[str] | None) -> None:
@@ -55,6 +64,7 @@ def lightning_main(argv: list[str] | None) -> None:
     from .checkpoint_io import AtomicCheckpointIO, ResumeState, continue_logger_runs, find_last_checkpoint
     from .checkpoints import safe_load
     from .module import UQDMModule
+    from .wandb_mode import offline_without_account
 
     class UQDMCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -107,7 +117,7 @@ def lightning_main(argv: list[str] | None) -> None:
         def predict(self, **kwargs):
             return self._weights_only(self.trainer.predict, kwargs)
 
-    wandb_offline_without_account()
+    offline_without_account()
     # omegaconf+: interpolations such as ${model.n_timesteps} resolve after command-line overrides
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     UQDMCLI(
@@ -126,6 +136,8 @@ def tools_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uqdm")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     importlib.import_module(TOOLS[command]).register(subparsers)
+    for name, subparser in subparsers.choices.items():
+        subparser.description = subparser.description or COMMANDS[name][1]
     return parser
 
 
@@ -133,11 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `uqdm`, `lightning` and `python -m uqdm`; `argv` defaults to sys.argv[1:]."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args and args[0] in TOOLS:
+        if not args or args[0] in ("-h", "--help"):
+            print(overview(), file=sys.stdout if args else sys.stderr)
+            if not args:
+                sys.exit(2)
+        elif args[0] in TOOLS:
             tool_args = tools_parser(args[0]).parse_args(args)
             tool_args.run(tool_args)
-        else:
+        elif args[0] in COMMANDS or args[0].startswith("-"):
             lightning_main(argv)
+        else:
+            raise UQDMError(f"unknown command {args[0]!r}; the commands are {', '.join(COMMANDS)} (see uqdm --help)")
     except UQDMError as error:
         print(f"uqdm: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -268,7 +268,6 @@ def sweep_local(args) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep-local",
-        help="run a W&B grid sweep file here, without a W&B server",
         description="Expand a W&B sweep file's grid as W&B would and run each command (W&B offline), "
         "then write OUT/summary.csv (swept values, final metric, wall time) and OUT/summary.png. "
         "Each --set KEY=VALUE is appended to every run's command as --KEY=VALUE.",

@@ -24,14 +24,14 @@ BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach th
 
 def register(subparsers) -> None:
     """Add the codec's subcommands to the `uqdm` tool parser."""
-    p = subparsers.add_parser("import-official", help="turn a released model folder into a uqdm checkpoint")
+    p = subparsers.add_parser("import-official")
     p.add_argument("directory", help="folder with config.json and checkpoint.pt")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write")
     p.add_argument("--weights", choices=RELEASED_WEIGHTS, default="ema",
                    help="ema: averaged network and schedule (default); raw: raw network, initial schedule")
     p.set_defaults(run=run_import_official)
 
-    p = subparsers.add_parser("compress", help="compress images into .uqdm files")
+    p = subparsers.add_parser("compress")
     p.add_argument("--ckpt", required=True, help="model checkpoint")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, WebP, ... files")
     _outputs(p, "the .uqdm file (one image only)", "write DIR/<image stem>.uqdm")
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--tile", type=int, default=64, help="tile size (default 64, the released models' size)")
     p.set_defaults(run=run_compress)
 
-    p = subparsers.add_parser("decompress", help="decode .uqdm files (or prefixes of them) to PNG")
+    p = subparsers.add_parser("decompress")
     p.add_argument("--ckpt", required=True, help="the checkpoint the files were compressed with")
     p.add_argument("files", nargs="+", metavar="FILE")
     _outputs(p, "the PNG (one file only)", "write DIR/<file stem>.png")
@@ -55,8 +55,7 @@ def register(subparsers) -> None:
                    help="also write every truncation point's picture as DIR/<file stem>_<chunks>.png")
     p.set_defaults(run=run_decompress)
 
-    p = subparsers.add_parser("truncate", help="cut a .uqdm file after its first K chunks, or at the last "
-                              "layer boundary within a budget (no model needed)")
+    p = subparsers.add_parser("truncate")
     p.add_argument("file", metavar="FILE")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, metavar="K", help="whole chunks to keep (T + 1: all)")
@@ -65,8 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(run=run_truncate)
 
-    p = subparsers.add_parser("info", help="describe a .uqdm file as JSON: every layer's payload bytes and the "
-                              "file's bits per pixel up to its end (step T + 1 is the lossless chunk)")
+    p = subparsers.add_parser("info", description="Describes a .uqdm file as JSON: every layer's payload bytes and "
+                              "the file's bits per pixel up to its end (step T + 1 is the lossless chunk).")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--ckpt", help="also report each layer's ideal bits under this model")
     p.set_defaults(run=run_info)

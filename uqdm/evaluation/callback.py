@@ -19,7 +19,7 @@ from .plots import figure_array, rd_figure
 from .progressive import SharedNoise, point_names, progressive_chain
 from .quality import LPIPS_MIN_SIDE
 from .report import rd_table, uqdm_curves
-from .weights import WeightsUnavailable
+from .pretrained import WeightsUnavailable
 
 
 class ProgressiveMetrics(Callback):

@@ -20,7 +20,7 @@ from .pipeline import evaluate
 from .quality import LPIPS_MIN_SIDE
 from .report import results_table, write_outputs
 from .rows import write_csv
-from .weights import WeightsUnavailable
+from .pretrained import WeightsUnavailable
 
 
 def _names(allowed: tuple[str, ...], empty: str | None = None):
@@ -42,7 +42,6 @@ def register(subparsers) -> None:
     """Add the `evaluate` subcommand."""
     p = subparsers.add_parser(
         "evaluate",
-        help="progressive rate-distortion of a checkpoint next to classical codecs",
         description="PSNR and SSIM (and optionally LPIPS and FID) at every truncation point of UQDM, ideal and "
         "real-file bits per pixel, encoding and decoding times, the classical codecs on the same images, "
         "and BD-rates. Writes DIR/results.json (means and per-image rows), DIR/rd.png, DIR/compressai/*.json "

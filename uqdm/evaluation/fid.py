@@ -18,7 +18,7 @@ from torchmetrics.image.fid import NoTrainInceptionV3
 
 from uqdm.checkpoints import safe_load
 
-from .weights import fetch_weights
+from .pretrained import fetch_weights
 
 FEATURES = 2048  # the pool features FID is defined on
 Moments = tuple[Tensor, Tensor]  # mean and covariance of features
@@ -26,7 +26,7 @@ Moments = tuple[Tensor, Tensor]  # mean and covariance of features
 
 def inception_weights(weights: str | os.PathLike | None = None) -> Path:
     """The FID Inception weights file: `weights`, fetched from torch-fidelity's release into that
-    path on first use (default: the torch.hub cache, see `weights.fetch_weights`).
+    path on first use (default: the torch.hub cache, see `pretrained.fetch_weights`).
 
     Raises:
         WeightsUnavailable: the file is absent and cannot be downloaded (offline): FID is off.

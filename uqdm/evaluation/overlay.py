@@ -105,7 +105,7 @@ def find_anchor(curves: Curves, wanted: str | None) -> str:
 def register(subparsers) -> None:
     """Add the `plot` subcommand."""
     p = subparsers.add_parser(
-        "plot", help="overlay the RD curves of several runs and print BD-rates",
+        "plot",
         description="Overlays the PSNR-rate curves of results.json files (uqdm evaluate), fit runs' rd.json "
         "and CompressAI result files (including CompressAI's published ones) in one figure, and prints each "
         "curve's BD-rate against the anchor.")

@@ -1,5 +1,5 @@
 """LPIPS (Zhang et al., 2018) with torchmetrics' network: AlexNet's features with torchvision's
-ImageNet weights (fetched once, see `weights`) and the LPIPS linear heads that torchmetrics ships.
+ImageNet weights (fetched once, see `pretrained`) and the LPIPS linear heads that torchmetrics ships.
 
     LPIPS(x, y) = Σ_l (1 / H_l W_l) Σ_{h,w} ‖ w_l ⊙ (f̂_l(x)_{hw} − f̂_l(y)_{hw}) ‖²
 
@@ -17,7 +17,7 @@ from torchvision.models import AlexNet_Weights, alexnet
 from uqdm.checkpoints import safe_load
 from uqdm.errors import UQDMError
 
-from .weights import fetch_weights
+from .pretrained import fetch_weights
 
 URL_ALEXNET = AlexNet_Weights.IMAGENET1K_V1.url
 
