@@ -30,7 +30,7 @@ from uqdm.evaluation.classical import CODECS, sweep
 from uqdm.evaluation.fid import FeatureMoments, fid_protocol, frechet_distances
 from uqdm.evaluation.metrics import ProgressiveScores
 from uqdm.evaluation.perceptual import load_lpips
-from uqdm.evaluation.pipeline import run_chain
+from uqdm.evaluation.pipeline import code_each
 from uqdm.evaluation.report import compressai_files, results_table
 from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
@@ -109,15 +109,15 @@ def test_progressive_chain_points_bits_and_exact_last_point(tiny_module):
     assert torch.equal(alone.bits, result.bits)
 
 
-def test_chain_matches_the_codec_bits_and_pictures(tiny_module):
-    """With the codec's draws, the chain's ideal bits are the codec's per-chunk ideal bits and its
-    denoise pictures are what decoding the file shows (float64 on both sides)."""
+def test_evaluation_figures_are_the_decoders(tiny_module):
+    """The evaluation's ideal bits are the file's per-chunk ideal bits and its denoise pictures are
+    what decoding the file shows."""
     module = tiny_module(n_timesteps=2)
     image = random_images(1, 12, seed=3)[0]  # 12×12 in 8-pixel tiles: 4 tiles, padded
     data = codec.compress(module, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
     decoded = codec.decompress(module, data, all_points=True)
     scores = ProgressiveScores(4, ["denoise"])
-    run_chain(module.model.double(), [image], scores, seed=5, tile=8)
+    code_each(module, [image], scores, seed=5, tile=8)
     result = scores.compute()
     ideal = np.cumsum([0.0, *decoded.ideal_bits]) / 144
     assert result["bpp"] == pytest.approx(ideal.tolist(), rel=1e-6)  # float32 means
@@ -444,7 +444,7 @@ STEP_1_SEED_STD = 0.015  # bpp: std over seeds of step 1's mean over the 24 imag
 
 
 def test_released_tiny_weights_reproduce_the_kodak64_reference(released_dir, kodak64):
-    """Denoise figures of `uqdm evaluate --size 64` (the same chain and draws, without the files)
+    """Denoise figures of `uqdm evaluate --size 64` (the same walk and draws)
     against the paper code's, as means over our SEEDS and over the reference's three seeds.
 
     The random z_1 of each image moves the first points: over seeds, the 24-image mean rate at
@@ -461,7 +461,7 @@ def test_released_tiny_weights_reproduce_the_kodak64_reference(released_dir, kod
     bpp, psnr = [], []
     for seed in SEEDS:
         scores = ProgressiveScores(6, ["denoise"])
-        run_chain(module.model.eval(), images, scores, seed=seed, batch_size=24)
+        code_each(module, images, scores, seed=seed)
         result = scores.compute()
         bpp.append(result["bpp"])
         psnr.append(result["psnr"]["denoise"][:-1])

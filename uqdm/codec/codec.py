@@ -216,8 +216,8 @@ def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence
                          on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[Encoded]:
     """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
     same walk what decoding each file shows at every truncation point for each of `methods`, and
-    the ideal bits of each layer. `on_chunk` as in `compress`; the pictures are made after the last
-    chunk is coded.
+    the ideal bits of each layer. `on_chunk` as in `compress`; the pictures and ideal bits are made
+    after the last chunk is coded (they are no part of the encoder's time).
     """
     for method in methods:
         _check_method(method)
@@ -242,45 +242,43 @@ def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps:
     device = next(net.parameters()).device
     x_raw = torch.cat([to_tiles(im, tile) for im in images])
     x = to_centered(x_raw).to(device, torch.float64)
-    report = methods is not None
-    out = [Encoded(b"", {m: [] for m in methods or ()}, []) for _ in images]
     chunks: list[list[bytes]] = [[] for _ in images]
     coded = on_chunk or (lambda c: None)
     coded(0)
     walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
-    nodes, partial = [], [[] for _ in images]  # partial[n][i]: image n's latents after layers 1 … L − 1 of step i
+    steps_taken = []  # per step: the node, u, k and each image's layers, for the report
     for node, u, models in _coded_steps(net, walk, headers, channels):
         k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
         k_cpu = k.to("cpu", torch.int64)
+        layered = [layer_models(model, layers) for model in models]
         for n, span in enumerate(spans):
-            k_flat, received = k_cpu[span].flatten(), fill_in(models[n].u)
-            partial[n].append([])
-            for l, (index, layer_model) in enumerate(layer_models(models[n], layers), start=1):
+            k_flat = k_cpu[span].flatten()
+            for index, layer_model in layered[n]:
                 chunks[n].append(coder.encode(layer_model, k_flat[index]))
-                if report:
-                    out[n].ideal_bits.append(_layer_ideal_bits(net, node, span, models[n], index, k_flat[index]))
-                    received[index] = k_flat[index].double()
-                    if l < layers:
-                        partial[n][-1].append(_partial_latent(node, u, span, received))
         node.quantize(k, u)
-        if report:
-            nodes.append(node)
+        if methods is not None:
+            steps_taken.append((node, u, k_cpu, models, layered))
         coded(node.i + 1)
     z = walk.z
     if n_chunks > T:
         for n, span in enumerate(spans):
             chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
-            if report:
-                out[n].ideal_bits.append(_lossless_ideal_bits(net, x_raw[span], z[span]))
         coded(T + 1)
-    for e, h, c in zip(out, headers, chunks):
-        e.data = pack(h, c)
-    if report:  # what the decoder of each file shows at each point
-        for e, h, span, image, steps_partial in zip(out, headers, spans, images, partial):
-            for m in e.points:
-                for nd, latents in zip(nodes, steps_partial):
-                    e.points[m].append(_show(net, h, m, nd.i, nd.z_t[span], nd.prior[span]))
-                    e.points[m] += [_show(net, h, m, nd.i + 1, z_s, None) for z_s in latents]
+    out = [Encoded(pack(h, c), {m: [] for m in methods or ()}, []) for h, c in zip(headers, chunks)]
+    if methods is not None:  # what the decoder of each (lossless) file shows, and its ideal bits
+        for n, (e, h, span, image) in enumerate(zip(out, headers, spans, images)):
+            for node, u, k_cpu, models, layered in steps_taken:
+                k_flat, received, latents = k_cpu[span].flatten(), fill_in(models[n].u), []
+                for l, (index, _) in enumerate(layered[n], start=1):
+                    e.ideal_bits.append(_layer_ideal_bits(net, node, span, models[n], index, k_flat[index]))
+                    received[index] = k_flat[index].double()
+                    if l < layers:  # the latents after layers 1 … L − 1 of the step
+                        latents.append(_partial_latent(node, u, span, received))
+                for m in methods:
+                    e.points[m].append(_show(net, h, m, node.i, node.z_t[span], node.prior[span]))
+                    e.points[m] += [_show(net, h, m, node.i + 1, z_s, None) for z_s in latents]
+            e.ideal_bits.append(_lossless_ideal_bits(net, x_raw[span], z[span]))
+            for m in methods:
                 e.points[m] += [_show(net, h, m, T, z[span], None), image]
     return out
 

@@ -67,7 +67,8 @@ def register(subparsers) -> None:
                    "(default: the torch.hub cache)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the shared draws: image n is coded with seed N + n (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="tiles per network call (default 32)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="tiles per network call of the codec (default: the codec's, as `uqdm decompress` uses)")
     p.add_argument("--tile", type=int, default=64, metavar="T", help="tile size of the codec (default 64)")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device of the network (default cpu)")
     p.add_argument("--no-decode", dest="decode", action="store_false",

@@ -1,32 +1,30 @@
 """The `evaluate` pipeline: UQDM's progressive curves on a set of images (ideal rates, real
 `.uqdm` files, distortions per method), the classical codecs on the same images, BD-rates.
 
-Images of any size are cut into the codec's tiles and run with the codec's shared draws (z_1 and
-the dithers from the file's seed), so the ideal bits and the pictures are those of the files
-written. Image n of a run is coded with seed `seed + n`: its draws are independent of the other
-images', as they would be for separately sent files (one z_1 shared by the whole set makes the
-set's mean rate at step 1 swing by about ±15% from seed to seed). The chain runs in the model's
-dtype; the codec's float64 may round a rare k the other way, which changes nothing measurable.
+Each image's file and its figures come from one walk of the codec's encoder
+(`codec.compress_progressive`): the ideal bits are those of the file's chunks and the pictures
+are what decoding the file shows, for every method. Image n of a run is coded with seed
+`seed + n`: its draws are independent of the other images', as they would be for separately
+sent files (one z_1 shared by the whole set makes the set's mean rate at step 1 swing by about
+±15% from seed to seed). The network passes per image are those of the paper's evaluation: T for
+the walk, plus the remaining steps from each point for `ancestral` and `flow_based`.
 """
 
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uqdm.codec import randomness
+from uqdm.codec.codec import BATCH_TILES
 from uqdm.codec.container import parse
-from uqdm.codec.tiling import from_tiles, grid, to_tiles
-from uqdm.diffusion import UQDM
 
 from .bdrate import bd_rate
 from .classical import CODECS, sweep
 from .metrics import ProgressiveScores
-from .progressive import SharedNoise, point_names, progressive_chain
+from .progressive import point_names
 from .quality import bits_per_pixel, ssim_kind
 from .rows import codec_rows, uqdm_rows
 from .timed_codec import decode_each, encode_timed
@@ -34,87 +32,24 @@ from .timed_codec import decode_each, encode_timed
 Progress = Callable[[int], None]
 
 
-def _n_tiles(image: Tensor, tile: int) -> int:
-    return math.prod(grid(image.shape[1], image.shape[2], tile))
-
-
-def _codec_noise(image: Tensor, seed: int, tile: int, n_timesteps: int) -> SharedNoise:
-    """The codec's draws for one image's tiles (see `uqdm.codec.randomness`)."""
-    shape = (_n_tiles(image, tile), image.shape[0], tile, tile)
-    dithers = [randomness.dither(seed, i, shape) for i in range(n_timesteps)]
-    return SharedNoise(randomness.top_latent(seed, shape), dithers)
-
-
-def _groups(images: Sequence[Tensor], tile: int, batch_size: int) -> Iterator[list[tuple[int, Tensor]]]:
-    """Consecutive (index, image) pairs holding at least `batch_size` tiles together (the last
-    group: the rest)."""
-    group, tiles = [], 0
-    for n, image in enumerate(images):
-        group.append((n, image))
-        tiles += _n_tiles(image, tile)
-        if tiles >= batch_size:
-            yield group
-            group, tiles = [], 0
-    if group:
-        yield group
-
-
-def _chain_tiles(model, tiles: Tensor, noise: SharedNoise, methods, generator, batch_size: int):
-    """`progressive_chain` over tiles in batches of `batch_size`: bits N×P and, per method, the
-    pictures P×N×C×tile×tile, on the CPU."""
-    bits, pictures = [], {m: [] for m in methods}
-    for start in range(0, len(tiles), batch_size):
-        rows = slice(start, start + batch_size)
-        part = progressive_chain(model, tiles[rows], noise[rows], methods, generator)
-        bits.append(part.bits.cpu())
-        for m in methods:
-            pictures[m].append(torch.stack([p.cpu() for p in part.pictures[m]]))
-    return torch.cat(bits), {m: torch.cat(p, dim=1) for m, p in pictures.items()}
-
-
-def _update_per_image(scores: ProgressiveScores, images: list[Tensor], tile: int, bits: Tensor,
-                      pictures: dict[str, Tensor]) -> None:
-    """Reassemble each image from its tiles (bits summed, pictures untiled) and feed `scores`, one
-    update per run of images of the same size."""
-    whole, first = [], 0
-    for image in images:
-        rows = slice(first, first + _n_tiles(image, tile))
-        first = rows.stop
-        shown = {m: [from_tiles(p[rows], *image.shape[1:]) for p in pics] for m, pics in pictures.items()}
-        whole.append((image, bits[rows].sum(0), shown))
-    for _, same in itertools.groupby(whole, key=lambda item: item[0].shape):
-        images_, bits_, shown_ = zip(*same)
-        stacked = {m: [torch.stack(p) for p in zip(*(s[m] for s in shown_))] for m in scores.methods}
-        scores.update(torch.stack(images_), torch.stack(bits_), stacked)
-
-
-def run_chain(model: UQDM, images: Sequence[Tensor], scores: ProgressiveScores, *, seed: int = 0,
-              tile: int = 64, batch_size: int = 32, progress: Progress | None = None) -> None:
-    """The progressive chain on every image's tiles, with the codec's draws for seed `seed + n`
-    (image n), in batches of about `batch_size` tiles; feeds `scores`."""
-    T = model.n_timesteps
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # ancestral sampling
-    for batch in _groups(images, tile, batch_size):
-        tiles = torch.cat([to_tiles(image, tile) for _, image in batch])
-        noise = SharedNoise.cat([_codec_noise(image, seed + n, tile, T) for n, image in batch])
-        bits, pictures = _chain_tiles(model, tiles, noise, scores.methods, generator, batch_size)
-        _update_per_image(scores, [image for _, image in batch], tile, bits, pictures)
-        if progress is not None:
-            progress(len(batch))
-
-
-def compress_each(module: nn.Module, images: Sequence[Tensor], *, seed: int = 0, tile: int = 64,
-                  progress: Progress | None = None) -> tuple[list[bytes], list[list[float]], list[list[float]]]:
-    """Each image's `.uqdm` file (seed `seed + n` for image n) and, per image and truncation point,
-    the real cumulative bits per pixel (the file's bytes up to the end of that point's chunk, all its
-    layers, header included) and the encoding time (`timed_codec.encode_timed`)."""
+def code_each(module: nn.Module, images: Sequence[Tensor], scores: ProgressiveScores, *, seed: int = 0,
+              tile: int = 64, batch_tiles: int = BATCH_TILES, progress: Progress | None = None
+              ) -> tuple[list[bytes], list[list[float]], list[list[float]]]:
+    """Each image's lossless `.uqdm` file (seed `seed + n` for image n), with its ideal bits and its
+    decoder's pictures at every step's truncation point for every method of `scores` fed to
+    `scores`; returns the files and, per image and truncation point, the real cumulative bits per
+    pixel (the file's bytes up to the end of that point's chunk, all its layers, header included)
+    and the encoding time (`timed_codec.encode_timed`)."""
     files, file_bpp, times = [], [], []
     for n, image in enumerate(images):
-        data, seconds = encode_timed(module, image, seed=seed + n, tile=tile)
-        container = parse(data)
-        steps = range(container.header.n_timesteps + 2)
-        file_bpp.append([bits_per_pixel(8 * container.ends[container.header.records_after(k)], image) for k in steps])
-        files.append(data)
+        encoded, seconds = encode_timed(module, image, seed=seed + n, tile=tile, methods=scores.methods,
+                                        batch_tiles=batch_tiles)
+        container = parse(encoded.data)
+        at = [container.header.records_after(k) for k in range(container.header.n_timesteps + 2)]  # layer points
+        bits = torch.tensor(np.cumsum([0.0, *encoded.ideal_bits]))[at]
+        scores.update(image[None], bits[None], {m: [encoded.points[m][p][None] for p in at] for m in scores.methods})
+        file_bpp.append([bits_per_pixel(8 * container.ends[p], image) for p in at])
+        files.append(encoded.data)
         times.append(seconds)
         if progress is not None:
             progress(1)
@@ -175,7 +110,7 @@ def evaluate(
     lpips: nn.Module | None = None,
     seed: int = 0,
     tile: int = 64,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     size: int | None = None,
     decode: bool = True,
     progress: Callable[[str, int, str], Progress] | None = None,
@@ -196,6 +131,7 @@ def evaluate(
     `lpips` (`perceptual.load_lpips`) and `inception` (`fid.load_inception`) add LPIPS and FID.
     `decode` decodes every file again, timed, and warns about any that is not its image; its denoise
     pictures after every layer give `layer_points` and `bd_rate_layers` (None and {} without it).
+    `batch_size` is the codec's tiles per network call (default `codec.BATCH_TILES`).
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
     names = [str(n) for n in range(len(images))] if names is None else list(names)
@@ -206,13 +142,10 @@ def evaluate(
                                per_image=True).to(device)
     times = {}
     start = time.perf_counter()
-    run_chain(module.model.eval(), images, scores, seed=seed, tile=tile, batch_size=batch_size,
-              progress=progress("UQDM chain", len(images), "image") if progress else None)
+    files, file_bpp, encoding_time = code_each(
+        module, images, scores, seed=seed, tile=tile, batch_tiles=batch_size or BATCH_TILES,
+        progress=progress("UQDM files", len(images), "image") if progress else None)
     s = scores.compute()
-    times["uqdm_chain"] = time.perf_counter() - start
-    start = time.perf_counter()
-    bar = progress("UQDM files", len(images), "image") if progress else None
-    files, file_bpp, encoding_time = compress_each(module, images, seed=seed, tile=tile, progress=bar)
     times["uqdm_files"] = time.perf_counter() - start
     warnings, decoding_time, layers = [], None, None
     if decode:

@@ -45,15 +45,6 @@ class SharedNoise:
         top = torch.randn(shape, **draw)
         return cls(top, [torch.rand(shape, **draw) - 0.5 for _ in range(n_timesteps)])
 
-    @classmethod
-    def cat(cls, parts: list["SharedNoise"]) -> "SharedNoise":
-        """The draws of several batches, one after the other."""
-        dithers = zip(*(p.dithers for p in parts))
-        return cls(torch.cat([p.top for p in parts]), [torch.cat(d) for d in dithers])
-
-    def __getitem__(self, rows: slice) -> "SharedNoise":
-        return SharedNoise(self.top[rows], [d[rows] for d in self.dithers])
-
 
 @torch.no_grad()
 def progressive_chain(

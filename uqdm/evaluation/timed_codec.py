@@ -9,19 +9,23 @@ import torch
 from torch import Tensor, nn
 
 from uqdm import codec
+from uqdm.codec.codec import BATCH_TILES, Encoded
 
 from .quality import psnr_per_image
 
 
-def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int) -> tuple[bytes, list[float]]:
-    """One image's file and, per truncation point p (p chunks: z₁ alone, the steps, lossless), the
-    seconds until its first p chunks were coded: what an encoder stopping at p spends (p = 0: the
-    set-up, model copy and fingerprint included)."""
+def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int, methods: Sequence[str] = (),
+                 batch_tiles: int = BATCH_TILES) -> tuple[Encoded, list[float]]:
+    """One image's file, with its decoder's pictures for `methods` and its ideal bits
+    (`codec.compress_progressive`), and, per truncation point p (p chunks: z₁ alone, the steps,
+    lossless), the seconds until its first p chunks were coded: what an encoder stopping at p
+    spends (p = 0: the set-up, model copy and fingerprint included; the pictures, made after the
+    last chunk, are not)."""
     times = []
     start = time.perf_counter()
-    data = codec.compress(module, [image], seed=seed, tile=tile,
-                          on_chunk=lambda _: times.append(time.perf_counter() - start))[0]
-    return data, times
+    encoded = codec.compress_progressive(module, [image], [seed], methods, tile=tile, batch_tiles=batch_tiles,
+                                         on_chunk=lambda _: times.append(time.perf_counter() - start))[0]
+    return encoded, times
 
 
 def decode_timed(module: nn.Module, data: bytes, image: Tensor) -> tuple[Tensor, list[float], list[float]]:
