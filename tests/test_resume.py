@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_states import assert_same
+from short_fit import short_fit_config
 from uqdm.checkpoints import safe_load
 
 STEPS, CHECKPOINT_EVERY = 6, 2
@@ -44,44 +45,25 @@ class StepLog(Callback):
             f.write(f"{trainer.global_step}\\n")
 '''
 
-CONFIG = f"""
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: {STEPS}
-  val_check_interval: 2
-  check_val_every_n_epoch: null
-  num_sanity_val_steps: 0
-  gradient_clip_val: 1.0
-  deterministic: true
-  enable_progress_bar: false
-  enable_model_summary: false
-  log_every_n_steps: 1
-  plugins:
-    - class_path: uqdm.checkpoint_io.AtomicCheckpointIO
-  logger:
-    class_path: lightning.pytorch.loggers.WandbLogger
-    init_args: {{project: resume-test, name: resume, save_dir: runs}}
-  callbacks:
-    - class_path: uqdm.callbacks.EMA
-      init_args: {{decay: 0.9}}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: {CHECKPOINT_EVERY}, save_last: true, save_top_k: -1}}
-    - class_path: uqdm.callbacks.TrainingSummary
-    - class_path: uqdm_test_helpers.ParkAfterCheckpoint
-      init_args: {{at: {CHECKPOINT_EVERY}}}
-    - class_path: uqdm_test_helpers.StepLog
-model:
-  n_timesteps: 2
-  embedding_dim: 8
-  norm_groups: 4
-  lr: 1.0e-3
-  warmup: 3
-data:
-  class_path: uqdm.data.SampleImages
-  init_args: {{crop_size: 8, batch_size: 2, train_samples: 4, val_samples: 2}}
-"""
+CONFIG = short_fit_config(
+    STEPS,
+    callbacks=[
+        {"class_path": "uqdm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "save_last": True, "save_top_k": -1}},
+        {"class_path": "uqdm.callbacks.TrainingSummary"},
+        {"class_path": "uqdm_test_helpers.ParkAfterCheckpoint", "init_args": {"at": CHECKPOINT_EVERY}},
+        {"class_path": "uqdm_test_helpers.StepLog"},
+    ],
+    trainer={
+        "log_every_n_steps": 1,
+        "plugins": [{"class_path": "uqdm.checkpoint_io.AtomicCheckpointIO"}],
+        "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                   "init_args": {"project": "resume-test", "name": "resume", "save_dir": "runs"}},
+    },
+    data={"class_path": "uqdm.data.SampleImages",
+          "init_args": {"crop_size": 8, "batch_size": 2, "train_samples": 4, "val_samples": 2}},
+)
 
 
 def _setup(folder: Path) -> dict:

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from checkpoint_states import assert_same
+from short_fit import short_fit_config
 from uqdm.checkpoints import safe_load
 
 STEPS, CHECKPOINT_EVERY, KILL_AT = 8, 2, 5
@@ -85,35 +86,17 @@ if __name__ == "__main__":
     print(json.dumps({"first": first, "resumed": resumed}))
 '''
 
-CONFIG = f"""
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: {STEPS}
-  val_check_interval: 2
-  check_val_every_n_epoch: null
-  num_sanity_val_steps: 0
-  gradient_clip_val: 1.0
-  deterministic: true
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger: false
-  callbacks:
-    - class_path: uqdm.callbacks.EMA
-      init_args: {{decay: 0.9}}
-    - class_path: uqdm_resume_driver.KillAt
-      init_args: {{at: {KILL_AT}}}
-    - class_path: uqdm_resume_driver.BatchLog
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: {CHECKPOINT_EVERY}, save_last: true, save_top_k: -1}}
-model:
-  n_timesteps: 2
-  embedding_dim: 8
-  norm_groups: 4
-  lr: 1.0e-3
-  warmup: 3
-"""
+CONFIG = short_fit_config(
+    STEPS,
+    callbacks=[
+        {"class_path": "uqdm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "uqdm_resume_driver.KillAt", "init_args": {"at": KILL_AT}},
+        {"class_path": "uqdm_resume_driver.BatchLog"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": CHECKPOINT_EVERY, "save_last": True, "save_top_k": -1}},
+    ],
+    trainer={"logger": False},
+)
 
 
 def _data_config(kind: str, folder: Path, workers: int) -> str:
