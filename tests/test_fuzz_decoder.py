@@ -3,7 +3,7 @@
 A small real file (tiny random model, a 4×7 image in two 4-pixel tiles, T = 2) is mutated by the
 strategies of `tests/fuzz.py` (the same ones `scripts/fuzz_decoder.py` runs at scale). For each
 mutated file the Python API and `uqdm decompress` must decode (a prefix on a chunk boundary: its
-picture; inside a chunk: the complete chunks' picture, with a warning) or refuse with one clear
+picture; inside a layer: the complete layers' picture, with a warning) or refuse with one clear
 line (exit 2) — never a traceback, a hang, an unbounded allocation or a silently wrong picture.
 Each decode runs under a watchdog and a cap on the address space (`fuzz.classify`).
 """
@@ -123,7 +123,7 @@ def test_a_file_of_another_model_is_refused(sample, tiny_module):
             decompress(tiny_module(seed=1), data)
 
 
-# --- absurd sizes: refused (or the complete chunks decoded) at once, memory bounded ----------
+# --- absurd sizes: refused (or the complete layers decoded) at once, memory bounded ----------
 def _header(sample, **fields) -> bytes:
     h = sample.header
     values = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "layers": h.layers,

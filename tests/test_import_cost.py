@@ -36,14 +36,14 @@ def imported(*args: str, cwd: Path) -> set[str]:
 @pytest.fixture
 def small_file(tmp_path) -> Path:
     path = tmp_path / "f.uqdm"
-    path.write_bytes(pack(Header(bytes(8), 5, 7, 4, 2, 0), [b"ab", b"cde", b"f"]))
+    path.write_bytes(pack(Header(bytes(8), 5, 7, 4, 2, 1, 0), [b"ab", b"cde", b"f"]))
     return path
 
 
 def test_info_and_truncate_import_neither_torch_nor_numpy_nor_lightning(small_file, tmp_path):
     assert imported("info", str(small_file), cwd=tmp_path) == set()
     assert imported("truncate", str(small_file), "--steps", "1", "-o", "g.uqdm", cwd=tmp_path) == set()
-    assert (tmp_path / "g.uqdm").read_bytes() == small_file.read_bytes()[: len(pack(Header(bytes(8), 5, 7, 4, 2, 0), [b"ab"]))]
+    assert (tmp_path / "g.uqdm").read_bytes() == small_file.read_bytes()[: len(pack(Header(bytes(8), 5, 7, 4, 2, 1, 0), [b"ab"]))]
 
 
 @pytest.mark.parametrize("command", ["compress", "decompress", "import-official"])
