@@ -2,7 +2,7 @@
 
 A small real file (tiny random model, a 4×7 image in two 4-pixel tiles, T = 2) is mutated by the
 strategies of `tests/fuzz.py` (the same ones `scripts/fuzz_decoder.py` runs at scale). For each
-mutated file the Python API and `uqdm decompress` must decode (a prefix on a chunk boundary: its
+mutated file the Python API and `uqdm decompress` must decode (a prefix on a layer boundary: its
 picture; inside a layer: the complete layers' picture, with a warning) or refuse with one clear
 line (exit 2) — never a traceback, a hang, an unbounded allocation or a silently wrong picture.
 Each decode runs under a watchdog and a cap on the address space (`fuzz.classify`).
