@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="decode only the first K chunks")
     p.add_argument("--method", choices=RECONSTRUCTIONS, default="denoise", help="reconstruction of lossy points")
     p.add_argument("--all-steps", metavar="DIR", type=Path,
-                   help="also write every truncation point's picture as DIR/<file stem>_<layers>.png (after that many layers)")
+                   help="also write every truncation point's picture as DIR/<file stem>_<layers>.png "
+                   "(after that many layers)")
     p.set_defaults(run=run_decompress)
 
     p = subparsers.add_parser("truncate")
