@@ -23,7 +23,8 @@ from PIL import Image, ImageCms
 from uqdm.codec import compress, decompress
 from uqdm.codec.fuzz import one_line_error, run_cli
 from uqdm.errors import UQDMError
-from uqdm.images import LOSSES, load_image, load_image_and_losses
+from uqdm.images import load_image, load_image_and_losses
+from uqdm.input_losses import LOSSES, describe, from_bits, to_bits
 
 TILE = 4
 H, W = 5, 6  # two rows and two columns of 4-pixel tiles, the last ones padded
@@ -248,7 +249,8 @@ def test_what_the_picture_cannot_hold_of_the_file_is_named(case, tmp_path):
     loaded = load_image_and_losses(src)
     assert np.array_equal(loaded.image.permute(1, 2, 0).numpy(), pixels)
     assert loaded.lost == lost
-    assert loaded.describe_losses() == ", ".join(LOSSES[name] for name in lost)
+    assert describe(lost) == ", ".join(LOSSES[name] for name in lost)
+    assert from_bits(to_bits(lost)) == lost
 
 
 # --- refused in one line ----------------------------------------------------------------------
@@ -309,13 +311,41 @@ def test_unreadable_images_are_refused_in_one_line(case, ckpt, tmp_path):
     assert not (tmp_path / "x.uqdm").exists()
 
 
-def test_one_bad_image_among_good_ones_writes_nothing(ckpt, tmp_path):
+def test_one_bad_image_among_good_ones_fails_alone(ckpt, tmp_path):
+    """The good image is compressed; the bad one is one error line, then a summary, exit 2."""
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
-    rgb(good)
+    expected = rgb(good)
     truncated_png(bad)
     run = run_cli(["compress", "--ckpt", str(ckpt), str(good), str(bad), "--out-dir", str(tmp_path / "c"), "--tile", str(TILE)])
-    assert one_line_error(run) and "bad.png" in run.stderr[0], run.stderr
-    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+    assert run.error is None and run.code == 2, (run.error, run.stderr)
+    assert run.stderr == [f"uqdm: error: cannot read image {bad}: " + run.stderr[0].split(": ", 3)[3],
+                          "uqdm: error: 1 of 2 inputs failed; 1 compressed"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["good.uqdm"]
+    run = run_cli(["decompress", "--ckpt", str(ckpt), str(tmp_path / "c" / "good.uqdm"), "-o", str(tmp_path / "good.out.png")])
+    assert run.code == 0 and torch.equal(load_image(tmp_path / "good.out.png"), expected)
+
+
+@pytest.mark.parametrize("case", [rgba16, lab_profile], ids=lambda f: f.__name__)
+def test_what_an_input_loses_is_said_recorded_and_refused_with_strict(case, ckpt, tmp_path):
+    """One warning line at compression, the losses in the header (`uqdm info`), and with --strict
+    one error line and no file."""
+    src = tmp_path / "in.png"
+    case(src)
+    lost = load_image_and_losses(src).lost
+    out = tmp_path / "x.uqdm"
+    run = run_cli(["compress", "--ckpt", str(ckpt), str(src), "-o", str(out), "--tile", str(TILE)])
+    assert run.code == 0 and run.stderr == [f"uqdm: warning: {src}: a .uqdm file holds 8-bit RGB: {describe(lost)}"]
+    info = run_cli(["info", str(out)])
+    assert info.code == 0 and json.loads(info.stdout)["header"]["lost"] == list(lost)
+
+    run = run_cli(["compress", "--ckpt", str(ckpt), str(src), "-o", str(tmp_path / "y.uqdm"), "--tile", str(TILE), "--strict"])
+    assert one_line_error(run) and run.stderr[0].endswith(f"{describe(lost)} (refused: --strict)"), run.stderr
+    assert not (tmp_path / "y.uqdm").exists()
+    # a lossless input is recorded as such, and --strict takes it
+    rgb(src)
+    run = run_cli(["compress", "--ckpt", str(ckpt), str(src), "-o", str(out), "--tile", str(TILE), "--strict"])
+    assert run.code == 0 and not run.stderr
+    assert json.loads(run_cli(["info", str(out)]).stdout)["header"]["lost"] == []
 
 
 # --- a large image ----------------------------------------------------------------------------

@@ -26,6 +26,23 @@ from .checkpoints import safe_load
 from .errors import UQDMError
 
 
+class _WriteErrors:
+    """A file that remembers the OSError (a full disk) of its last failed `write`."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _is_local(path) -> bool:
     return type(get_filesystem(str(path))).__name__ == "LocalFileSystem"
 
@@ -46,7 +63,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         try:
             with atomic_write(path) as f:
-                torch.save(checkpoint, f)
+                writer = _WriteErrors(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:  # torch's zip writer reports a failed write as a position mismatch
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
         except OSError as e:  # disk full, permissions: one line from the command, not a traceback
             raise UQDMError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
 

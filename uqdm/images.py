@@ -16,30 +16,19 @@ from PIL import Image, ImageCms, ImageOps
 
 from uqdm.atomic import write_atomic
 from uqdm.errors import UQDMError
+from uqdm.input_losses import LOSSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-# What an 8-bit RGB picture cannot hold of an image file, in the order `uqdm info` lists it.
-LOSSES = {
-    "alpha": "transparency composited onto white",
-    "depth": "samples of more than 8 bits rounded to 8",
-    "profile": "its colour profile dropped",
-    "colours": "colours converted to RGB",
-    "frames": "frames after the first dropped",
-}
 # Modes whose conversion to RGB keeps every value (gray repeated, palette looked up).
 EXACT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """An image file as a uint8 3×H×W RGB tensor, and what of the file it lacks (keys of `LOSSES`)."""
+    """An image file as a uint8 3×H×W RGB tensor, and what of the file it lacks (`uqdm.input_losses`)."""
 
     image: torch.Tensor
     lost: tuple[str, ...]
-
-    def describe_losses(self) -> str:
-        """The losses in words, e.g. "transparency composited onto white, its colour profile dropped"."""
-        return ", ".join(LOSSES[name] for name in self.lost)
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from uqdm.diffusion import RECONSTRUCTIONS, UQDM, Prior, to_centered
 from uqdm.errors import UQDMError
-from uqdm.options import DEFAULT_LAYERS
+from uqdm.options import BATCH_TILES, DEFAULT_LAYERS
 from uqdm.schedules import alpha_sigma
 from uqdm.walk import Node, Walk, dequantize, quantization_index
 
@@ -32,7 +32,6 @@ from .container import FINGERPRINT_BYTES, Header, pack, parse
 from .layers import fill_in, layer_models
 from .tiling import from_tiles, grid, to_tiles
 
-BATCH_TILES = 4  # tiles per network call: float64 attention over 64×64 pixels is memory-bound
 IDEAL_SLICE = 1 << 13  # symbols per slice when evaluating the 256-way p(x_raw | z_0)
 
 
@@ -198,16 +197,18 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 @torch.inference_mode()
 def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, seed: int = 0,
              tile: int = 64, batch_tiles: int = BATCH_TILES,
-             on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[bytes]:
+             on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
+             lost: Sequence[Sequence[str]] | None = None) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
     lossless chunk. Each step's chunk is `layers` quality layers. `on_chunk(c)` is called once the
-    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet). Returns one
-    file's bytes per image.
+    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet). `lost[n]` names
+    what image n lacks of the file it was read from (`uqdm.images.load_image_and_losses`),
+    recorded in its header. Returns one file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
-                                    layers)]
+                                    layers, lost)]
 
 
 @torch.inference_mode()
@@ -226,7 +227,8 @@ def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence
 
 def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
-            on_chunk: Callable[[int], None] | None, layers: int) -> list[Encoded]:
+            on_chunk: Callable[[int], None] | None, layers: int,
+            lost: Sequence[Sequence[str]] | None = None) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     and ideal bits of `Encoded`."""
     fp = fingerprint(model)
@@ -235,7 +237,9 @@ def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps:
     T = net.n_timesteps
     n_chunks = _n_chunks(steps, T)
     try:
-        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed) for im, seed in zip(images, seeds)]
+        lost = [()] * len(images) if lost is None else lost
+        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed, tuple(gone))
+                   for im, seed, gone in zip(images, seeds, lost, strict=True)]
     except ValueError as e:
         raise UQDMError(f"cannot compress: {e}") from None
     spans = _spans(headers)

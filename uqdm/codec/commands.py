@@ -1,9 +1,12 @@
 """The codec's subcommands: import-official, compress, decompress, truncate, info.
 
 Argument parsing and file handling only; `uqdm.cli` turns a `UQDMError` into one line on stderr
-and exit code 2. Each command imports what it needs when it runs: `truncate` and `info` (without
-`--ckpt`) read the container format with the standard library alone, `compress` and `decompress`
-import torch but not Lightning.
+and exit code 2. `compress` and `decompress` of several inputs report a bad one in one line and go
+on with the others (`uqdm.batch_job`); they read one input at a time, so memory does not grow with
+their number. Running out of memory is one line that suggests a smaller ``--batch-tiles``. Each
+command imports what it needs when it runs: `truncate` and `info` (without `--ckpt`) read the
+container format with the standard library alone, `compress` and `decompress` import torch but not
+Lightning.
 """
 
 import argparse
@@ -14,8 +17,10 @@ import warnings
 from pathlib import Path
 
 from uqdm.atomic import write_atomic
-from uqdm.errors import UQDMError
-from uqdm.options import DEFAULT_LAYERS, RECONSTRUCTIONS, RELEASED_WEIGHTS
+from uqdm.batch_job import BatchJob
+from uqdm.errors import UQDMError, is_out_of_memory
+from uqdm.input_losses import describe
+from uqdm.options import BATCH_TILES, DEFAULT_LAYERS, RECONSTRUCTIONS, RELEASED_WEIGHTS
 
 from .container import parse, parse_header, truncate
 
@@ -43,6 +48,10 @@ def register(subparsers) -> None:
                    help="write only the layers that fit in R bits per pixel (header included)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared randomness (stored in the file)")
     p.add_argument("--tile", type=int, default=64, help="tile size (default 64, the released models' size)")
+    _batch_tiles(p)
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an image that the file cannot hold exactly (transparency, more than 8 bits, "
+                        "a colour profile, CMYK, several frames) instead of saying what it drops")
     p.set_defaults(run=run_compress)
 
     p = subparsers.add_parser("decompress")
@@ -54,6 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--all-steps", metavar="DIR", type=Path,
                    help="also write every truncation point's picture as DIR/<file stem>_<layers>.png "
                    "(after that many layers)")
+    _batch_tiles(p)
     p.set_defaults(run=run_decompress)
 
     p = subparsers.add_parser("truncate")
@@ -70,6 +80,30 @@ def register(subparsers) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--ckpt", help="also report each layer's ideal bits under this model")
     p.set_defaults(run=run_info)
+
+
+def _batch_tiles(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES, metavar="N",
+                        help=f"tiles per network call (default {BATCH_TILES}); fewer need less memory")
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UQDMError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+@contextlib.contextmanager
+def _memory_hint(what: str, batch_tiles: int):
+    """Turn a failed allocation (host or device) into one line that suggests fewer tiles per call."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UQDMError(f"out of memory {what} with --batch-tiles {batch_tiles} ({reason}); "
+                        "try a smaller --batch-tiles") from None
 
 
 def _outputs(parser: argparse.ArgumentParser, single: str, many: str) -> None:
@@ -98,14 +132,18 @@ def _read(path) -> bytes:
         raise UQDMError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def _warn(message: str) -> None:
+    print(f"uqdm: warning: {message}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def _warnings_to_stderr():
-    """Show warnings as `uqdm: warning: <message>` lines."""
+def _warnings_to_stderr(prefix: str = ""):
+    """Show warnings as `uqdm: warning: <prefix><message>` lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for message in dict.fromkeys(str(w.message) for w in caught):
-        print(f"uqdm: warning: {message}", file=sys.stderr)
+        _warn(f"{prefix}{message}")
 
 
 def run_import_official(args) -> None:
@@ -124,40 +162,69 @@ def _budget_bytes(bpp: float, height: int, width: int) -> int:
 
 
 def run_compress(args) -> None:
-    if args.tile < 1:
-        raise UQDMError(f"--tile must be positive, got {args.tile}")
+    """Images are read one at a time and coded in groups of up to BATCH_TILES_PER_CALL tiles; a group
+    that fails is coded again image by image, so that only the bad image fails."""
+    _positive(tile=args.tile, batch_tiles=args.batch_tiles)
     if args.bpp is not None:
         _budget_bytes(args.bpp, 1, 1)  # refuse a bad budget before any work
     from uqdm.checkpoints import load_module
-    from uqdm.images import load_image
-
-    from .codec import compress
 
     outputs = _destinations(args.images, args, ".uqdm")
-    images = [load_image(p) for p in args.images]
     model = load_module(args.ckpt)
-    for batch in _batches(images, args.tile):
-        files = compress(model, [images[i] for i in batch], steps=args.steps, seed=args.seed, tile=args.tile,
-                         layers=args.layers)
-        for i, data in zip(batch, files):
-            if args.bpp is not None:
-                data = truncate(data, max_bytes=_budget_bytes(args.bpp, *images[i].shape[1:]))
-            write_atomic(outputs[i], data)
-            h, w = images[i].shape[1:]
-            print(f"{args.images[i]} -> {outputs[i]}: {len(data)} bytes, {8 * len(data) / (h * w):.3f} bpp")
-
-
-def _batches(images: list, tile: int) -> list[list[int]]:
-    """Indices of images grouped so that each group has at most BATCH_TILES_PER_CALL tiles (or one image)."""
-    batches, current, tiles = [], [], 0
-    for i, image in enumerate(images):
-        n = -(-image.shape[1] // tile) * -(-image.shape[2] // tile)
-        if current and tiles + n > BATCH_TILES_PER_CALL:
-            batches.append(current)
-            current, tiles = [], 0
-        current.append(i)
+    job = BatchJob(len(args.images), "compressed")
+    group, tiles = [], 0
+    for i, path in enumerate(args.images):
+        loaded = None
+        with job.item(path):
+            loaded = _input_image(path, args.strict)
+        if loaded is None:
+            continue
+        n = -(-loaded.image.shape[1] // args.tile) * -(-loaded.image.shape[2] // args.tile)
+        if group and tiles + n > BATCH_TILES_PER_CALL:
+            _compress_group(model, group, args, outputs, job)
+            group, tiles = [], 0
+        group.append((i, loaded))
         tiles += n
-    return batches + [current]
+    if group:
+        _compress_group(model, group, args, outputs, job)
+    job.finish()
+
+
+def _input_image(path: str, strict: bool):
+    """The image, after a warning line (or with --strict, an error) naming what the file cannot hold of it."""
+    from uqdm.images import load_image_and_losses
+
+    loaded = load_image_and_losses(path)
+    if loaded.lost:
+        what = f"{path}: a .uqdm file holds 8-bit RGB: {describe(loaded.lost)}"
+        if strict:
+            raise UQDMError(f"{what} (refused: --strict)")
+        _warn(what)
+    return loaded
+
+
+def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob) -> None:
+    from .codec import compress
+
+    names = ", ".join(args.images[i] for i, _ in group)
+    try:
+        with _memory_hint(f"compressing {names}", args.batch_tiles):
+            files = compress(model, [loaded.image for _, loaded in group], steps=args.steps, seed=args.seed,
+                             tile=args.tile, batch_tiles=args.batch_tiles, layers=args.layers,
+                             lost=[loaded.lost for _, loaded in group])
+    except UQDMError as error:
+        if len(group) == 1:
+            return job.fail(error, args.images[group[0][0]])
+        for item in group:
+            _compress_group(model, [item], args, outputs, job)
+        return
+    for (i, loaded), data in zip(group, files):
+        with job.item(args.images[i]):
+            h, w = loaded.image.shape[1:]
+            if args.bpp is not None:
+                data = truncate(data, max_bytes=_budget_bytes(args.bpp, h, w))
+            write_atomic(outputs[i], data)
+            print(f"{args.images[i]} -> {outputs[i]}: {len(data)} bytes, {8 * len(data) / (h * w):.3f} bpp")
 
 
 def run_decompress(args) -> None:
@@ -166,17 +233,22 @@ def run_decompress(args) -> None:
 
     from .codec import decompress
 
+    _positive(batch_tiles=args.batch_tiles)
     outputs = _destinations(args.files, args, ".png")
     model = load_module(args.ckpt)
+    job = BatchJob(len(args.files), "decompressed")
     for path, output in zip(args.files, outputs):
-        data = _read(path)
-        with _warnings_to_stderr():
-            decoded = decompress(model, data, steps=args.steps, method=args.method,
-                                 all_points=args.all_steps is not None)
-        save_png(decoded.image, output)
-        if args.all_steps is not None:
-            for p, picture in enumerate(decoded.points):
-                save_png(picture, args.all_steps / f"{Path(path).stem}_{p}.png")
+        with job.item(path):
+            data = _read(path)
+            with _warnings_to_stderr(f"{path}: " if job.total > 1 else ""), \
+                    _memory_hint(f"decompressing {path}", args.batch_tiles):
+                decoded = decompress(model, data, steps=args.steps, method=args.method,
+                                     all_points=args.all_steps is not None, batch_tiles=args.batch_tiles)
+            save_png(decoded.image, output)
+            if args.all_steps is not None:
+                for p, picture in enumerate(decoded.points):
+                    save_png(picture, args.all_steps / f"{Path(path).stem}_{p}.png")
+    job.finish()
 
 
 def run_truncate(args) -> None:

@@ -14,9 +14,10 @@ import zlib
 from dataclasses import dataclass
 
 from uqdm.errors import UQDMError
+from uqdm.input_losses import LOSSES, from_bits, to_bits
 
 MAGIC = b"UQDM"
-VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers
+VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers, what the input lost
 FINGERPRINT_BYTES = 8
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 10
@@ -35,7 +36,8 @@ MAX_PIXELS = 1 << 28  # height·width, and the padded tiles ⌈H/tile⌉·⌈W/t
 @dataclass(frozen=True)
 class Header:
     """What a decoder needs besides the model: geometry, number of steps T, quality layers L per
-    step and the shared seed."""
+    step and the shared seed; and what the picture lacks of the input image it was made from
+    (`uqdm.input_losses`, information only)."""
 
     fingerprint: bytes
     height: int
@@ -44,8 +46,11 @@ class Header:
     n_timesteps: int
     layers: int
     seed: int
+    lost: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if not set(self.lost) <= set(LOSSES):
+            raise ValueError(f"unknown losses {sorted(set(self.lost) - set(LOSSES))}; known: {list(LOSSES)}")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"the fingerprint must be {FINGERPRINT_BYTES} bytes")
         for name, (low, high) in LIMITS.items():
@@ -59,8 +64,8 @@ class Header:
                              f"{padded} pixels (more than {MAX_PIXELS})")
 
     def to_bytes(self) -> bytes:
-        """magic ‖ version ‖ fingerprint ‖ varint fields ‖ CRC32 of all of these."""
-        fields = (self.height, self.width, self.tile, self.n_timesteps, self.layers, self.seed)
+        """magic ‖ version ‖ fingerprint ‖ varint fields ‖ lost (varint bit mask) ‖ CRC32 of all of these."""
+        fields = (self.height, self.width, self.tile, self.n_timesteps, self.layers, self.seed, to_bits(self.lost))
         head = MAGIC + bytes([VERSION]) + self.fingerprint + b"".join(map(varint, fields))
         return head + _crc(head)
 
@@ -74,6 +79,7 @@ class Header:
             "n_timesteps": self.n_timesteps,
             "layers": self.layers,
             "seed": self.seed,
+            "lost": list(self.lost),
         }
 
     @property
@@ -165,7 +171,7 @@ def parse_header(data: bytes) -> tuple[Header, int]:
     fingerprint = data[pos + 1 : pos + 1 + FINGERPRINT_BYTES]
     pos += 1 + FINGERPRINT_BYTES
     values = {}
-    for name in LIMITS:
+    for name in [*LIMITS, "lost"]:
         read = _read_varint(data, pos)
         if read is None:
             raise UQDMError("truncated .uqdm file: it ends inside the header")
@@ -176,6 +182,7 @@ def parse_header(data: bytes) -> tuple[Header, int]:
         raise UQDMError("corrupt .uqdm file: the header fails its CRC32 check")
     pos += CRC_BYTES
     try:
+        values["lost"] = from_bits(values["lost"])
         return Header(fingerprint, **values), pos
     except ValueError as e:
         raise UQDMError(f"corrupt .uqdm header: {e}") from None

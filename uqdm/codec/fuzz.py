@@ -40,7 +40,7 @@ from PIL import Image
 from uqdm.cli import main
 from uqdm.codec import compress, decompress, lightning_checkpoint, parse, save_checkpoint
 from uqdm.codec.container import MAGIC, VERSION, Header, pack, varint
-from uqdm.errors import UQDMError
+from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.module import UQDMModule
 
 N_TIMESTEPS = 2
@@ -118,9 +118,10 @@ def _randbytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.getrandbits(8) for _ in range(n))
 
 
-def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, layers, seed, version: int = VERSION) -> bytes:
+def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, layers, seed, lost=0,
+               version: int = VERSION) -> bytes:
     """Header bytes with any field values (ints, or raw bytes for a field), bypassing `Header`'s checks."""
-    fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, layers, seed)]
+    fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, layers, seed, lost)]
     return MAGIC + bytes([version]) + fingerprint + b"".join(fields)
 
 
@@ -187,6 +188,7 @@ ABSURD_FIELDS = {
     "n_timesteps": (0, 2**12 + 1, 10**9, 2**63),
     "layers": (0, 2**6 + 1, 2**40),
     "seed": (2**64, 2**70 - 1),
+    "lost": (32, 2**40),  # bits no known loss has
 }
 
 
@@ -202,7 +204,7 @@ def absurd_size(rng, s):
         segs[c] = new + segs[c][old:]
         return s.head + b"".join(segs[: c + 1] if rng.random() < 0.5 else segs)
     fields = {"height": h.height, "width": h.width, "tile": h.tile, "n_timesteps": h.n_timesteps, "layers": h.layers,
-              "seed": h.seed}
+              "seed": h.seed, "lost": 0}
     if rng.random() < 0.15:  # in range one by one, but an absurd padded size: 2^20 tiles of 4096²
         fields.update(height=1, width=2**20, tile=2**12)
     else:
@@ -355,12 +357,6 @@ def memory_cap(headroom: int = MEMORY_HEADROOM):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _is_allocation_failure(error: BaseException) -> bool:
-    return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "DefaultCPUAllocator" in str(error))
-    )
-
-
 def _where(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     ours = [f for f in frames if "/uqdm/" in f.filename] or frames
@@ -421,7 +417,7 @@ def classify(module: UQDMModule, sample: Sample, data: bytes, check_picture: boo
     except BaseException as e:  # noqa: BLE001 - everything else is the bug we look for
         if isinstance(e, KeyboardInterrupt):
             raise
-        kind = "memory" if _is_allocation_failure(e) else "traceback"
+        kind = "memory" if is_out_of_memory(e) else "traceback"
         return Result(kind, _where(e), time.perf_counter() - start)
     seconds = time.perf_counter() - start
     if seconds > time_limit:
@@ -466,7 +462,7 @@ def _cli_bug(run: CliRun) -> Result | None:
     if isinstance(run.error, Hang):
         return Result("hang", "no result within the time limit", run.seconds)
     if run.error is not None:
-        return Result("memory" if _is_allocation_failure(run.error) else "traceback", _where(run.error), run.seconds)
+        return Result("memory" if is_out_of_memory(run.error) else "traceback", _where(run.error), run.seconds)
     if run.code != 0 and not one_line_error(run):
         return Result("cli_bad_failure", f"exit {run.code}, stderr {run.stderr!r}", run.seconds)
     if run.code == 0 and not all(line.startswith("uqdm: warning: ") for line in run.stderr):
