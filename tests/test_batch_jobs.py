@@ -9,7 +9,6 @@ The GPU out-of-memory case runs here as torch's `OutOfMemoryError` raised by the
 in CI); the CPU case is a real failed allocation under an address-space cap.
 """
 
-import errno
 import os
 import shlex
 import shutil
@@ -23,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-import uqdm.atomic
 import uqdm.codec.codec
+from full_disk import fill_atomic_writes
 from uqdm.codec.fuzz import memory_cap, one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,40 +126,10 @@ def test_a_device_out_of_memory_error_suggests_a_smaller_batch_tiles(command, ck
 
 
 # --- full disks ---------------------------------------------------------------------------------
-class _FillingFile:
-    """A file that takes `room` more bytes, then fails as a full disk does (ENOSPC)."""
-
-    def __init__(self, f, room: list[int]):
-        self._f, self._room = f, room
-
-    def write(self, data) -> int:
-        if len(data) > self._room[0]:
-            self._f.write(bytes(data[: self._room[0]]))
-            self._room[0] = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 @pytest.fixture
 def disk_room(monkeypatch):
     """`disk_room(n)`: from now on, every file uqdm writes atomically can take n more bytes in all."""
-
-    def fill_after(room: int):
-        left = [room]
-        fdopen = os.fdopen
-        monkeypatch.setattr(uqdm.atomic.os, "fdopen", lambda fd, *a, **k: _FillingFile(fdopen(fd, *a, **k), left))
-
-    return fill_after
+    return lambda room: fill_atomic_writes(room, monkeypatch.setattr)
 
 
 def _only(folder: Path, *names: str) -> bool:
@@ -185,45 +154,6 @@ def test_full_disk_writing_uqdm_and_png_files(ckpt, tmp_path, disk_room):
     assert _only(out, "x.uqdm", "x.png") and {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
 
-HELPERS = '''
-import errno, os
-from lightning.pytorch import Callback
-
-class _Filling:
-    """A file that takes the disk's `room` more bytes, then fails as a full disk does."""
-    room = 0
-    def __init__(self, f):
-        self._f = f
-    def write(self, data):
-        if len(data) > _Filling.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        _Filling.room -= len(data)
-        return self._f.write(data)
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        self._f.close()
-
-class FillDisk(Callback):
-    """After the first checkpoint (step 2; Lightning runs checkpoint callbacks last), leaves
-    $FILL_TO_BYTES bytes free for the checkpoints: on their filesystem (a filler file), or with
-    FILL=writer, through a writer made to fail."""
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != 3:
-            return
-        room, folder = int(os.environ["FILL_TO_BYTES"]), trainer.checkpoint_callback.dirpath
-        if os.environ.get("FILL") == "writer":
-            import uqdm.atomic
-            fdopen, _Filling.room = os.fdopen, room
-            uqdm.atomic.os.fdopen = lambda fd, *a, **k: _Filling(fdopen(fd, *a, **k))
-        else:
-            stat = os.statvfs(folder)
-            with open(f"{folder}/filler", "wb") as f:
-                f.write(b"\\0" * max(0, stat.f_bavail * stat.f_frsize - room))
-'''
-
 FIT = [
     "fit", "--model.n_timesteps=2", "--model.embedding_dim=8", "--model.norm_groups=4", "--model.warmup=1",
     "--data=uqdm.data.SampleImages", "--data.crop_size=8", "--data.batch_size=2", "--data.train_samples=8",
@@ -231,7 +161,7 @@ FIT = [
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0",
     "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
     "--trainer.callbacks.init_args.every_n_train_steps=2", "--trainer.callbacks.init_args.save_top_k=0",
-    "--trainer.callbacks.init_args.save_last=true", "--trainer.callbacks+=uqdm_disk_helpers.FillDisk",
+    "--trainer.callbacks.init_args.save_last=true", "--trainer.callbacks+=full_disk.FillDisk",
 ]
 # Run in the checkpoints' mount namespace (where the tmpfs is): the fit, then what it left.
 CHECK = ("import os, sys; from uqdm.checkpoints import safe_load; d = sys.argv[1]; "
@@ -242,8 +172,8 @@ def _fit_on_a_filling_disk(folder: Path, env: dict, mount: bool) -> tuple[subpro
     """`uqdm fit` whose second checkpoint finds 64 KiB free; its result, and what the checkpoint
     folder then holds (file names, and the global step of last.ckpt)."""
     (folder / "checkpoints").mkdir(parents=True)
-    (folder / "uqdm_disk_helpers.py").write_text(HELPERS)
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(folder), env.get("PYTHONPATH", "")]), "FILL_TO_BYTES": "65536",
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
+           "FILL_TO_BYTES": "65536",
            "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     fit = [sys.executable, "-m", "uqdm", *FIT, f"--trainer.default_root_dir={folder}"]
     check = [sys.executable, "-c", CHECK, str(folder / "checkpoints")]
