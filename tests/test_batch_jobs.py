@@ -9,6 +9,7 @@ The GPU out-of-memory case runs here as torch's `OutOfMemoryError` raised by the
 in CI); the CPU case is a real failed allocation under an address-space cap.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -241,3 +242,67 @@ def test_full_tmpfs_for_uqdm_png_and_checkpoint(ckpt, tmp_path):
 
     # training: the checkpoint folder on a 1 MiB tmpfs, filled to 64 KiB after the first checkpoint
     _assert_checkpoint_disk_full(*_fit_on_a_filling_disk(tmp_path / "run", env, mount=True))
+
+
+# --- concurrent writers, many files -------------------------------------------------------------
+def test_two_processes_writing_the_same_output_leave_one_complete_file(ckpt, tmp_path):
+    """Two `uqdm compress` with different seeds to the same -o at once: the file is one of the
+    two complete outputs (the atomic rename), and no temporary is left."""
+    source = _rgb(tmp_path / "a.png", 0, 24, 24)
+    references = []
+    for seed in (1, 2):
+        assert _compress(ckpt, source, "-o", tmp_path / f"ref{seed}.uqdm", "--seed", seed).code == 0
+        references.append((tmp_path / f"ref{seed}.uqdm").read_bytes())
+    out = tmp_path / "out" / "a.uqdm"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    runs = [subprocess.Popen([sys.executable, "-m", "uqdm", "compress", "--ckpt", str(ckpt), str(source), "-o", str(out),
+                              "--tile", str(TILE), "--seed", str(seed)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE) for seed in (1, 2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0], [run.stderr.read() for run in runs]
+    assert out.read_bytes() in references and references[0] != references[1]
+    assert os.listdir(out.parent) == ["a.uqdm"]
+
+
+MANY_FILES = r"""
+import json, os, sys
+import numpy as np
+from PIL import Image
+import torch
+torch.set_num_threads(1)
+from uqdm.cli import main
+from uqdm.codec.fuzz import save_module, tiny_module
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+work, n = sys.argv[1], int(sys.argv[2])
+ckpt = save_module(tiny_module(), f"{work}/tiny.ckpt")
+rng = np.random.default_rng(0)
+for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(f"{work}/{i:04d}.png")
+out, first = {}, 50
+for command, inputs, options in (("compress", [f"{work}/{i:04d}.png" for i in range(n)], ["--out-dir", f"{work}/c", "--tile", "8"]),
+                                 ("decompress", [f"{work}/c/{i:04d}.uqdm" for i in range(n)], ["--out-dir", f"{work}/d"])):
+    for start, stop in ((0, first), (first, n)):  # the first files warm up; RSS after them, then at the end
+        try:
+            main([command, "--ckpt", ckpt, *inputs[start:stop], *options])
+        except SystemExit as e:
+            assert not e.code, e.code
+        out[f"{command}_{stop}"] = rss()
+print(json.dumps(out))
+"""
+
+
+def test_memory_stays_flat_over_many_files(tmp_path):
+    """RSS after the first 50 files and after 300, for compress and for decompress in one process:
+    the 250 files in between add less than 16 MiB (they are read and written one at a time)."""
+    n = 300
+    run = subprocess.run([sys.executable, "-c", MANY_FILES, str(tmp_path), str(n)], capture_output=True, text=True,
+                         timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rss = json.loads(run.stdout.strip().splitlines()[-1])
+    print(rss)
+    for command in ("compress", "decompress"):
+        assert rss[f"{command}_{n}"] - rss[f"{command}_50"] < 16 << 20, rss
