@@ -170,8 +170,9 @@ def test_images_of_every_mode_in_one_call(module, ckpt, tmp_path):
     assert run.error is None and run.code == 0, (run.error, run.stderr)
     for source, picture in zip(sources, expected):
         assert torch.equal(load_image(tmp_path / "d" / f"{source.stem}.png"), picture), source.stem
-    # the same images through the Python API in one call give the same files
-    files = compress(module, [load_image(s) for s in sources], tile=TILE)
+    # the same images through the Python API in one call give the same files (what they lost included)
+    loaded = [load_image_and_losses(s) for s in sources]
+    files = compress(module, [x.image for x in loaded], tile=TILE, lost=[x.lost for x in loaded])
     assert files == [p.read_bytes() for p in packed]
 
 
