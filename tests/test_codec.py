@@ -222,10 +222,11 @@ def _with_crc(head: bytes) -> bytes:
         (b"UQDM\x01" + bytes(20), "version 1"),
         (b"UQDM\x02" + bytes(20), "version 2 .*compress the image again"),
         (b"UQDM\x03" + bytes(8) + b"\x40\x40", "ends inside the header"),
-        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00", "ends inside the header"),  # no CRC32
-        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00" + bytes(4), "header fails its CRC32"),
-        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x00\x40\x40\x04\x04\x00"), "height = 0"),
-        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x00\x00"), "layers = 0"),
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00", "ends inside the header"),  # no CRC32
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00" + bytes(4), "header fails its CRC32"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x00\x40\x40\x04\x04\x00\x00"), "height = 0"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x00\x00\x00"), "layers = 0"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x04\x00\x20"), "lost = 32 has bits beyond"),
         (b"UQDM\x03" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
     ],
 )
