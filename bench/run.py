@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import codec  # noqa: E402
+import estimators  # noqa: E402
 import network  # noqa: E402
 import train  # noqa: E402
 
@@ -56,7 +57,7 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-SECTIONS = ("network", "train", "codec", "scaling")
+SECTIONS = ("network", "train", "estimators", "codec", "scaling")
 
 
 def run_sections(sections) -> dict:
@@ -65,6 +66,8 @@ def run_sections(sections) -> dict:
         results["network"] = network.run()
     if "train" in sections:
         results["train"] = train.run(workdir=HERE / ".train")
+    if "estimators" in sections:
+        results["estimators"] = estimators.run()
     if "codec" in sections:
         results["codec"] = codec.run()
     if "scaling" in sections:  # the 768×512 point of the area series comes from section 3 when it ran

@@ -5,10 +5,11 @@ import yaml
 from uqdm.codec.fuzz import TINY
 
 
-def short_fit_config(steps: int, callbacks: list[dict], trainer: dict | None = None, data: dict | None = None) -> str:
-    """YAML for `uqdm fit --config`: the tiny module (lr 10⁻³, 3 warm-up steps) trained for `steps`
-    steps on the CPU, deterministically, validating every 2 steps, with `callbacks`, the `trainer`
-    settings added (a logger, plugins) and the `data` section if given."""
+def short_fit_config(steps: int, callbacks: list[dict], trainer: dict | None = None, data: dict | None = None,
+                     model: dict | None = None) -> str:
+    """YAML for `uqdm fit --config`: the tiny module (lr 10⁻³, 3 warm-up steps, the `model` options
+    added) trained for `steps` steps on the CPU, deterministically, validating every 2 steps, with
+    `callbacks`, the `trainer` settings added (a logger, plugins) and the `data` section if given."""
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -17,7 +18,7 @@ def short_fit_config(steps: int, callbacks: list[dict], trainer: dict | None = N
             "deterministic": True, "enable_progress_bar": False, "enable_model_summary": False,
             **(trainer or {}), "callbacks": callbacks,
         },
-        "model": {**TINY, "lr": 1.0e-3, "warmup": 3},
+        "model": {**TINY, "lr": 1.0e-3, "warmup": 3, **(model or {})},
     }
     if data is not None:
         config["data"] = data

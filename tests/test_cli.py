@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from uqdm.cli import COMMANDS, TOOLS, main, tools_parser
+from uqdm.evaluation.report import rd_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "experiments" / "default.yaml")
@@ -50,6 +52,15 @@ def test_fit_trains_validates_saves_and_reports(tmp_path, capsys, monkeypatch):
     assert "checkpoint (last): " in out and "checkpoint (best by val/bpd): " in out and "logs: runs" in out
     ckpts = list((tmp_path / "runs").rglob("last.ckpt"))
     assert len(ckpts) == 1
+    # the final progressive RD table, in the run's folder, in `uqdm evaluate`'s results.json layout
+    rd = json.loads((ckpts[0].parent.parent / "rd.json").read_text())
+    assert rd["global_step"] == 4 and rd["images"] == 4 and rd["size"] == 16
+    assert [p["name"] for p in rd["uqdm"]["points"]] == ["z1", "step_1", "step_2", "lossless"]
+    bpps = [p["bpp_ideal"] for p in rd["uqdm"]["points"]]
+    assert bpps[0] == 0 and bpps == sorted(bpps) and bpps[-1] == pytest.approx(rd["uqdm"]["nelbo_bpp"])
+    bpp, psnr = rd_curves(rd)["UQDM (denoise)"]
+    assert bpp == [p["bpp_ideal"] for p in rd["uqdm"]["points"][:-1]]
+    assert psnr[0] > 0 and all(v is None or v > 0 for v in psnr)  # None: every image exact there
 
 
 @pytest.mark.parametrize("launcher", [["-m", "uqdm"], ["-c", "from uqdm.cli import main; main()"]])

@@ -7,8 +7,10 @@ from torch.utils.data import DataLoader
 
 from uqdm.callbacks import EMA
 from uqdm.checkpoints import load_module
+from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
 from uqdm.rng import seeded
+
 
 def images(n=8, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -24,20 +26,21 @@ def test_bpd_terms_add_up_and_gamma_min_is_logged_value(tiny_hparams):
     assert float(module.model.schedule.gamma_min.detach()) == pytest.approx(-12.3, abs=1e-5)
 
 
-def test_a_few_training_steps_lower_the_loss(tiny_hparams):
+@pytest.mark.parametrize("estimator", ["chain", "one_step"])
+def test_a_few_training_steps_lower_the_loss(tiny_hparams, estimator):
     torch.manual_seed(0)
-    module = UQDMModule(**{**tiny_hparams, "n_timesteps": 4}, lr=1e-2, warmup=0)
+    module = UQDMModule(**{**tiny_hparams, "n_timesteps": 4}, lr=1e-2, warmup=0, estimator=estimator)
     batch = images()
     optimizer = module.configure_optimizers()["optimizer"]
     with seeded(0):
-        before = float(module.bits_per_dim(batch)["bpd"])
+        before = float(module.bits_per_dim(batch, "chain")["bpd"])
     for _ in range(50):
-        loss = module.bits_per_dim(batch)["bpd"]
+        loss = module.bits_per_dim(batch)["bpd"]  # the training estimator in training mode
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with seeded(0):
-        after = float(module.bits_per_dim(batch)["bpd"])
+        after = float(module.bits_per_dim(batch, "chain")["bpd"])
     assert after < 0.93 * before  # noisy single-sample NELBO; deterministic under the seed
 
 
@@ -88,3 +91,46 @@ def test_ema_follows_the_paper_warmup_and_checkpoints_hold_the_average(tmp_path,
     assert torch.allclose(loaded.state_dict()[key], expected)
     assert not torch.allclose(loaded.state_dict()[key], seen[-1][key])
     assert not torch.equal(loaded.state_dict()[key], start[key])
+
+
+def test_training_estimator_in_training_mode_and_the_chain_otherwise(monkeypatch, tiny_hparams):
+    module = UQDMModule(**tiny_hparams, estimator="one_step")
+    used = []
+    monkeypatch.setattr("uqdm.module.nelbo", lambda model, x, estimator: used.append(estimator) or model.nelbo(x))
+    module.train()
+    module.bits_per_dim(images(2))
+    module.eval()
+    module.bits_per_dim(images(2))
+    assert used == ["one_step", "chain"]
+    with pytest.raises(ValueError, match="one_step"):
+        UQDMModule(**tiny_hparams, estimator="two_step")
+
+
+def test_init_from_starts_a_fit_from_a_checkpoints_weights_with_a_fresh_optimiser(tmp_path, capsys, tiny_hparams):
+    source = UQDMModule(**tiny_hparams)
+    with torch.no_grad():
+        source.model.schedule.w.fill_(11.0)
+        source.model.network.conv_in.weight.mul_(3.0)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(source, DataLoader(images(2), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "source.ckpt")
+    saved = source.state_dict()
+
+    class Start(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    start = Start()
+    module = UQDMModule(**tiny_hparams, init_from=str(tmp_path / "source.ckpt"))
+    trainer = L.Trainer(max_steps=2, callbacks=[start], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(images(4), batch_size=2))
+    assert all(torch.equal(start.weights[k], saved[k]) for k in saved)
+    assert trainer.global_step == 2 and all(int(s["step"]) == 2 for s in trainer.optimizers[0].state.values())
+    assert "initialised from" in capsys.readouterr().out
+
+    wrong = UQDMModule(**{**tiny_hparams, "embedding_dim": 16}, init_from=str(tmp_path / "source.ckpt"))
+    with pytest.raises(UQDMError, match="does not fit this model"):
+        L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(wrong, DataLoader(images(2), batch_size=2))

@@ -102,9 +102,10 @@ def _assert_equal(a, b):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["loss", "gradient"])
-def test_nonfinite_step_is_skipped(tmp_path, kind, tiny_hparams):
-    module = _faulty(tiny_hparams, {2}, kind)
+@pytest.mark.parametrize("kind,estimator", [("loss", "chain"), ("gradient", "chain"), ("loss", "one_step"),
+                                            ("gradient", "one_step")])
+def test_nonfinite_step_is_skipped(tmp_path, kind, estimator, tiny_hparams):
+    module = _faulty(tiny_hparams, {2}, kind, estimator=estimator)
     trainer, snapshots, data = _fit(module, tmp_path, max_steps=4)
     trainer.fit(module, datamodule=data)
 

@@ -61,6 +61,7 @@ CONFIG = short_fit_config(
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
                    "init_args": {"project": "resume-test", "name": "resume", "save_dir": "runs"}},
     },
+    model={"estimator": "one_step"},  # draws a step per image: its random generator must resume too
     data={"class_path": "uqdm.data.SampleImages",
           "init_args": {"crop_size": 8, "batch_size": 2, "train_samples": 4, "val_samples": 2}},
 )

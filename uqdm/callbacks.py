@@ -9,6 +9,28 @@ from torchmetrics import MeanMetric
 from .rng import seeded
 
 
+def ema_decay(n: int, decay: float, warmup: bool = True) -> float:
+    """The decay of the n-th update (n ≥ 1): min(decay, (1 + n)/(10 + n)) with the warm-up."""
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def ema_update(decay: float = 0.9999, warmup: bool = True):
+    """The `multi_avg_fn` of `torch.optim.swa_utils.AveragedModel` for the EMA: all floating-point
+    tensors in one `torch._foreach_lerp_`, avg ← avg + (1 − d_n)·(w − avg) with d_n = `ema_decay`
+    (one host read of the update count per step); integer buffers, if any, are copied."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        rate = ema_decay(int(n_averaged) + 1, decay, warmup)
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - rate)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    return update
+
+
 class EMA(WeightAveraging):
     """Exponential moving average of every parameter (the network's and the learned schedule's)
     through Lightning's weight-averaging machinery, with the paper's warm-up of the decay.
@@ -16,16 +38,12 @@ class EMA(WeightAveraging):
     After n updates the decay is min(decay, (1 + n)/(10 + n)), so a short run validates and saves
     averaged weights that have moved away from the initial ones. Lightning's `EMAWeightAveraging`
     uses a constant decay; this is the same callback with the warm-up added. Validation and saved
-    checkpoints use the averaged weights.
+    checkpoints use the averaged weights. One update is one fused `torch._foreach_lerp_` over all
+    tensors (`ema_update`), not one host synchronisation per tensor.
     """
 
     def __init__(self, decay: float = 0.9999, warmup: bool = True):
-        def ema(averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
-            n = int(n_averaged) + 1
-            rate = min(decay, (1 + n) / (10 + n)) if warmup else decay
-            return torch.lerp(averaged, current, 1.0 - rate)
-
-        super().__init__(avg_fn=ema)
+        super().__init__(multi_avg_fn=ema_update(decay, warmup))
         self.decay = decay
 
 

@@ -12,6 +12,8 @@ shape (B,)) with the same expectation; they differ in cost and variance:
   T · rate_i. The latent term is in closed form; the reconstruction term uses z_0 sampled from the
   same draws. Since E_i[T · rate_i] = Σ_i E[rate_i], the estimate is unbiased, and gradients reach
   the learned schedule through the reparameterised samples.
+
+The equations: `docs/equations.md`, section 6.
 """
 
 from dataclasses import dataclass, fields
@@ -19,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .diffusion import UQDM, Step, sum_per_image, to_centered
+from .diffusion import DiscreteDiffusion, Step, sum_per_image, to_centered
 from .schedules import alpha_sigma
 
 ESTIMATORS = ("chain", "one_step")
@@ -48,7 +50,7 @@ class ForwardMarginals:
     P: Tensor  # (T + 1, T): P_{ij}, zero where j ≥ i
 
     @classmethod
-    def of(cls, model: UQDM) -> "ForwardMarginals":
+    def of(cls, model: DiscreteDiffusion) -> "ForwardMarginals":
         T = model.n_timesteps
         gamma = torch.stack([model.gamma_at(1 - i / T) for i in range(T + 1)])  # the grid of `model.step`
         alpha, _ = alpha_sigma(gamma)
@@ -74,14 +76,14 @@ def stratified_steps(batch_size: int, n_timesteps: int, device=None, generator: 
     return ((perm + u) * n_timesteps / batch_size).floor().long().clamp(max=n_timesteps - 1)
 
 
-def per_image_step(model: UQDM, i: Tensor, ndim: int) -> Step:
+def per_image_step(model: DiscreteDiffusion, i: Tensor, ndim: int) -> Step:
     """The schedule quantities of step i_b for each image b, shaped (B, 1, …) to broadcast."""
     steps = [model.step(j) for j in range(model.n_timesteps)]
     shape = (-1, *[1] * (ndim - 1))
     return Step(**{f.name: torch.stack([getattr(s, f.name) for s in steps])[i].view(shape) for f in fields(Step)})
 
 
-def one_step_nelbo(model: UQDM, x_raw: Tensor, steps: Tensor | None = None) -> dict[str, Tensor]:
+def one_step_nelbo(model: DiscreteDiffusion, x_raw: Tensor, steps: Tensor | None = None) -> dict[str, Tensor]:
     """The NELBO's terms in nats per image with one network call per image (see the module's doc).
 
     `diffusion` = T · (−log(p(z_{s_i})·Δ_i)) at z_{t_i}, z_{s_i} drawn from q directly; `latent` =
@@ -111,7 +113,7 @@ def one_step_nelbo(model: UQDM, x_raw: Tensor, steps: Tensor | None = None) -> d
     }
 
 
-def nelbo(model: UQDM, x_raw: Tensor, estimator: str = "chain") -> dict[str, Tensor]:
+def nelbo(model: DiscreteDiffusion, x_raw: Tensor, estimator: str = "chain") -> dict[str, Tensor]:
     """The NELBO's terms in nats per image by `estimator` (one of `ESTIMATORS`)."""
     if estimator == "chain":
         return model.nelbo(x_raw)

@@ -8,8 +8,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .checkpoints import safe_load
 from .diffusion import DIFFUSIONS, GaussianDiffusion, UQDM
 from .errors import UQDMError
+from .estimators import ESTIMATORS, nelbo
 from .network import ScoreNetwork
 from .rng import seeded
 from .schedules import make_schedule
@@ -24,6 +26,13 @@ class UQDMModule(L.LightningModule):
     `gamma_min`/`gamma_max`. Network: see `uqdm.network.ScoreNetwork`.
     Optimiser: Adam(`lr`, (`beta1`, `beta2`), `eps`, `weight_decay`), learning rate ramped
     linearly from 0 over `warmup` steps. Gradient clipping and precision are Trainer options.
+
+    `estimator`: how a training step estimates the NELBO (`uqdm.estimators`): "chain" walks all T
+    steps (the paper's, T network calls per image), "one_step" samples one step per image (one
+    network call whatever T). Either way ``train/bpd`` estimates the same NELBO; validation, test
+    and the step-0 figure are always the full chain. `init_from`: a checkpoint (training's or
+    `uqdm import-official`'s) whose weights and schedule a new fit starts from, read weights-only,
+    with a fresh optimiser and step count (ignored when resuming with ``--ckpt_path``).
 
     A training step whose loss or gradient is not finite is skipped: the optimiser does not step,
     so neither the weights, Adam's state nor the EMA change, and `global_step` does not advance
@@ -60,12 +69,16 @@ class UQDMModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup: int = 1000,
         max_nonfinite_in_a_row: int = 10,
+        estimator: str = "chain",
+        init_from: str | None = None,
     ):
         super().__init__()
         if diffusion not in DIFFUSIONS:
             raise ValueError(f"unknown diffusion {diffusion!r}; choose one of {DIFFUSIONS}")
         if max_nonfinite_in_a_row < 1:
             raise ValueError("max_nonfinite_in_a_row must be at least 1")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         self.nonfinite_steps = 0  # skipped training steps in the whole run (kept in checkpoints)
         self.nonfinite_in_a_row = 0
         self._skip_step = False
@@ -103,9 +116,34 @@ class UQDMModule(L.LightningModule):
         """True for the Gaussian model, whose rate no real bitstream achieves."""
         return self.hparams.diffusion == "gaussian"
 
-    def bits_per_dim(self, x_raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The NELBO and its terms in bits per dimension, averaged over the batch."""
-        terms = self.model.nelbo(x_raw)
+    def setup(self, stage: str) -> None:
+        """A new fit with `init_from` starts from that checkpoint's weights (EMA's copy follows at
+        its first update, which copies the model)."""
+        if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
+            step = self.load_weights(self.hparams.init_from)
+            if self.trainer.is_global_zero:
+                print(f"initialised from {self.hparams.init_from} (its step {step}); optimiser and step count fresh")
+
+    def load_weights(self, path: str):
+        """Load the network's and schedule's weights of the checkpoint at `path`, read weights-only;
+        returns the checkpoint's `global_step` (None if it has none)."""
+        checkpoint = safe_load(path, map_location=self.device)
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise UQDMError(f"{path} is not a uqdm checkpoint (no state_dict)")
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:
+            reason = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            raise UQDMError(f"{path} does not fit this model (check the network options): {reason}") from None
+        return checkpoint.get("global_step")
+
+    def bits_per_dim(self, x_raw: torch.Tensor, estimator: str | None = None) -> dict[str, torch.Tensor]:
+        """The NELBO and its terms in bits per dimension, averaged over the batch, by `estimator`
+        (see `uqdm.estimators`); by default the training estimator in training mode, else (validation,
+        test, the step-0 figure) the full chain."""
+        estimator = estimator or (self.hparams.estimator if self.training else "chain")
+        terms = nelbo(self.model, x_raw, estimator)
         scale = 1.0 / (x_raw[0].numel() * math.log(2))
         out = {f"bpd_{name}": value.mean() * scale for name, value in terms.items()}
         out["bpd_diff"] = out.pop("bpd_diffusion")

@@ -16,10 +16,19 @@ from .fid import load_inception
 from .metrics import ProgressiveScores
 from .perceptual import load_lpips
 from .plots import figure_array, rd_figure
+from .pretrained import WeightsUnavailable
 from .progressive import SharedNoise, point_names, progressive_chain
 from .quality import LPIPS_MIN_SIDE
-from .report import rd_table, uqdm_curves
-from .pretrained import WeightsUnavailable
+from .report import fit_results, rd_table, uqdm_curves, write_json
+
+RD_FILE = "rd.json"
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """The folder of a fit run: the parent of its checkpoint folder (``runs/<project>/<run id>``
+    with W&B), else the trainer's `default_root_dir`."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(dirpath).parent if dirpath else Path(trainer.default_root_dir)
 
 
 class ProgressiveMetrics(Callback):
@@ -40,6 +49,10 @@ class ProgressiveMetrics(Callback):
     first use; default: the torch.hub cache). Offline without its weights, a metric warns once and
     is off; LPIPS is also off, with one warning, on images under 31 px a side.
     Dithers and z_1 are seeded per batch from `seed`, so epochs compare.
+
+    After each validation, rank zero also writes the RD table to `rd.json` in the run's folder
+    (`run_folder`), in `uqdm evaluate`'s `results.json` layout with ideal bits only
+    (`report.fit_results`); at the end of a fit it holds the final one, which `uqdm plot` overlays.
     """
 
     def __init__(
@@ -69,6 +82,7 @@ class ProgressiveMetrics(Callback):
         self.scores: ProgressiveScores | None = None
         self.active = False
         self.grid: dict[str, torch.Tensor] = {}
+        self.image_size: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.scores is not None:
@@ -100,6 +114,7 @@ class ProgressiveMetrics(Callback):
         seed = hash((self.seed, trainer.global_rank, dataloader_idx, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF
         generator = torch.Generator(pl_module.device).manual_seed(seed)
         images = batch.to(pl_module.device)
+        self.image_size = images.shape[-1] if images.shape[-1] == images.shape[-2] else None
         model = pl_module.model
         dtype = next(model.parameters()).dtype
         noise = SharedNoise.draw(images.shape, model.n_timesteps, generator, pl_module.device, dtype)
@@ -126,6 +141,10 @@ class ProgressiveMetrics(Callback):
             pl_module.log(name, value, sync_dist=True)
         if trainer.is_global_zero:
             self._log_artifacts(trainer, stage, names, results)
+            if stage == "val" and not trainer.sanity_checking:
+                images = int(self.scores.bpp[0].weight)  # this process's images
+                write_json(run_folder(trainer) / RD_FILE,
+                           fit_results(names, results, images, self.image_size, trainer.global_step))
 
     def _log_artifacts(self, trainer: Trainer, stage: str, names: list[str], results: dict) -> None:
         columns, rows = rd_table(names, results)

@@ -26,6 +26,7 @@ from .classical import CODECS, sweep
 from .metrics import ProgressiveScores
 from .progressive import point_names
 from .quality import bits_per_pixel, ssim_kind
+from .report import uqdm_points
 from .rows import codec_rows, uqdm_rows
 from .timed_codec import decode_each, encode_timed
 
@@ -155,21 +156,9 @@ def evaluate(
         times["uqdm_decoding"] = time.perf_counter() - start
         layers = layer_points(files, images, layer_psnr)
     mean = lambda per_image, j: float(np.mean([values[j] for values in per_image]))
-    points = [
-        {
-            "point": j,
-            "name": name,
-            "bpp_ideal": s["bpp"][j],
-            "bpp_file": mean(file_bpp, j),
-            "psnr": {m: s["psnr"][m][j] for m in methods},
-            "ssim": {m: s["ssim"][m][j] for m in methods},
-            "lpips": {m: s["lpips"][m][j] for m in methods} if s["lpips"] else None,
-            "fid": {m: s["fid"][m][j] for m in methods} if s["fid"] else None,
-            "encoding_time": mean(encoding_time, j),
-            "decoding_time": mean(decoding_time, j) if decode else None,
-        }
-        for j, name in enumerate(points_named)
-    ]
+    points = uqdm_points(points_named, s, bpp_file=[mean(file_bpp, j) for j in range(len(points_named))],
+                         encoding_time=[mean(encoding_time, j) for j in range(len(points_named))],
+                         decoding_time=[mean(decoding_time, j) for j in range(len(points_named))] if decode else None)
     rows = uqdm_rows(names, points_named, scores.per_image, file_bpp, encoding_time, decoding_time, kind)
     classical, classical_per_image, unavailable = run_classical(images, codecs, kind, times, progress)
     warnings += unavailable

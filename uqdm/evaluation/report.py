@@ -128,6 +128,47 @@ def _compressai(name: str, description: str, kind: str, points: list[dict]) -> d
     return {"name": name, "description": description, "results": results}
 
 
+def uqdm_points(names: list[str], scores: dict, bpp_file: list | None = None, encoding_time: list | None = None,
+                decoding_time: list | None = None) -> list[dict]:
+    """The `uqdm.points` records of `results.json`, one per truncation point, from
+    `metrics.ProgressiveScores.compute()`: `{"point", "name", "bpp_ideal", "bpp_file", "psnr":
+    {method: dB}, "ssim" / "lpips" / "fid": {...} | None, "encoding_time", "decoding_time"}`;
+    the per-point lists left out (a fit run writes no files) are None."""
+    at = lambda values, j: values[j] if values is not None else None
+    per_method = lambda kind, j: {m: v[j] for m, v in scores[kind].items()} if scores.get(kind) else None
+    return [
+        {
+            "point": j,
+            "name": name,
+            "bpp_ideal": scores["bpp"][j],
+            "bpp_file": at(bpp_file, j),
+            "psnr": per_method("psnr", j),
+            "ssim": per_method("ssim", j),
+            "lpips": per_method("lpips", j),
+            "fid": per_method("fid", j),
+            "encoding_time": at(encoding_time, j),
+            "decoding_time": at(decoding_time, j),
+        }
+        for j, name in enumerate(names)
+    ]
+
+
+def fit_results(names: list[str], scores: dict, images: int, size: int | None, global_step: int) -> dict:
+    """A fit run's `rd.json`: `results.json`'s layout (see `pipeline.evaluate`) with ideal bits only
+    (no files, codecs or BD-rates), from the progressive metrics of its last validation."""
+    return {
+        "images": images,
+        "size": size,
+        "ssim_metric": None,
+        "uqdm": {"nelbo_bpp": scores["bpp"][-1], "points": uqdm_points(names, scores)},
+        "codecs": {},
+        "codec_settings": {},
+        "bd_rate": {},
+        "warnings": [],
+        "global_step": global_step,
+    }
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """`data` as indented JSON, atomically: how `results.json`, the CompressAI files and each fit
     run's `rd.json` are written (`uqdm plot` reads them all)."""
