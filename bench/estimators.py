@@ -33,10 +33,16 @@ from uqdm.rng import seeded
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 
 
+# `BENCH_SMALL=1`: the 16-channel network on 16×16 crops of sweeps/steps-cpu.yaml, for a loaded machine
+SMALL = {"model": {"embedding_dim": 16}, "data": {"crop_size": 16}}
+
+
 def default_config() -> tuple[dict, dict]:
-    """The model options and the data options of experiments/default.yaml."""
+    """The model options and the data options of experiments/default.yaml (made small by BENCH_SMALL=1)."""
     config = yaml.safe_load(CONFIG.read_text())
-    return dict(config["model"]), dict(config["data"]["init_args"])
+    small = os.environ.get("BENCH_SMALL") == "1"
+    model, options = dict(config["model"]), dict(config["data"]["init_args"])
+    return ({**model, **SMALL["model"]}, {**options, **SMALL["data"]}) if small else (model, options)
 
 
 def build(n_timesteps: int, estimator: str, seed: int = 0) -> UQDMModule:
@@ -164,7 +170,7 @@ def equal_time(budget_s: float = 90.0, steps=(4, 16)) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes = {arm: subprocess.Popen([sys.executable, __file__, "arm", str(arm[0]), arm[1], str(budget_s)],
                                        stdout=subprocess.PIPE, text=True, env=env) for arm in arms}
-    out = {"budget_cpu_s": budget_s,
+    out = {"budget_cpu_s": budget_s, "small": os.environ.get("BENCH_SMALL") == "1",
            f"start_bpd_T{steps[0]}": validation_bpd(build(steps[0], "chain"), data())}
     for (T, e), process in processes.items():
         stdout, _ = process.communicate()
