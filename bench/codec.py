@@ -67,13 +67,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from flops import forward_flops, matmul_peak_gflops, share_of_peak
 from timing import median_seconds
-from uqdm.checkpoints import load_module
-from uqdm.codec import coder, compress, decompress, exact, import_official, parse, save_checkpoint, tables
+from uqdm.codec import coder, compress, decompress, exact, parse, tables
 from uqdm.codec.codec import BATCH_TILES
 from uqdm.diffusion import DiscreteDiffusion
+from uqdm.hyperparameters import build_model, model_arguments
 from uqdm.images import box_resize, box_resize_center_crop, load_image
-from uqdm.module import UQDMModule
 from uqdm.network import ScoreNetwork
+from uqdm.released import import_official
+from uqdm.weights import load_model, safe_load, save_checkpoint
 
 SHARED = Path(os.environ.get("UQDM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RELEASED = SHARED / "official" / "uqdm-tiny"
@@ -291,7 +292,7 @@ def run(workdir: Path | None = None, batch_size: int = 32) -> dict:
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         ckpt = released_checkpoint(Path(tmp))
-        module = load_module(ckpt)
+        module = load_model(ckpt)
         images = kodak64(batch_size)
         torch.set_num_threads(1)
         decompress(module, compress(module, [images[0]])[0])  # warm-up
@@ -368,9 +369,9 @@ class ChannelsLast(torch.nn.Module):
 
 
 def with_network(module, wrap) -> torch.nn.Module:
-    """A copy of the module's diffusion model whose network is `wrap(network)`: handed to the codec,
-    its float64 copy runs the variant."""
-    model = copy.deepcopy(module.model)
+    """A copy of the diffusion model whose network is `wrap(network)`: handed to the codec, its
+    float64 copy runs the variant."""
+    model = copy.deepcopy(module)
     model.network = wrap(model.network)
     return model
 
@@ -381,9 +382,9 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
     """One forward of the released network on `batch_tiles` 64×64 latents (the codec's sub-batch):
     float32 against float64, where the time goes, and variants of the float64 forward that leave
     the codec's bytes unchanged (checked by compressing `image` again)."""
-    net32 = copy.deepcopy(module.model.network).eval()
+    net32 = copy.deepcopy(module.network).eval()
     z = torch.randn(batch_tiles, 3, 64, 64)
-    gamma = module.model.gamma_at(0.5).detach()
+    gamma = module.gamma_at(0.5).detach()
     counted = forward_flops(net32, z, gamma)
     flops = counted["total"]
     out = {"batch": batch_tiles, "gflop_per_image": flops / batch_tiles / 1e9,
@@ -464,11 +465,11 @@ def memory_growth(points: list[dict]) -> dict:
 def steps_series(ckpt: Path, image: torch.Tensor, steps=None, budget_s: float = 6.0) -> list[dict]:
     """Encode and decode one 64×64 image with the released network and schedule at T = 1 … 16
     (the weights were trained for T = 4; the rates at other T are not the point, the time is)."""
-    base = load_module(ckpt)
-    hparams = {k: v for k, v in base.hparams.items() if not k.startswith("_")}
+    base = load_model(ckpt)
+    hparams = model_arguments(safe_load(ckpt)["hyper_parameters"])
     rows = []
     for T in steps or STEPS:
-        model = UQDMModule(**{**hparams, "n_timesteps": T})
+        model = build_model(**{**hparams, "n_timesteps": T})
         model.load_state_dict(base.state_dict())
         model.eval()
         compress(model, [image])  # warm-up
@@ -572,7 +573,7 @@ def measure_image(module, image: torch.Tensor) -> dict:
 
 def _worker_main(args: dict) -> None:
     torch.set_num_threads(args["threads"])
-    module = load_module(args["ckpt"])
+    module = load_model(args["ckpt"])
     full = load_image(KODAK / FULL_IMAGE)
     warm = box_resize_center_crop(full, 64)
     decompress(module, compress(module, [warm])[0])

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from uqdm.checkpoints import load_module
 from uqdm.codec import compress, decompress, parse
 from uqdm.evaluation.plots import figure_png, rd_figure
 from uqdm.evaluation.quality import psnr_per_image
 from uqdm.images import box_resize_center_crop, load_image
+from uqdm.weights import load_model
 
 
 def measure(module, images: list[torch.Tensor], layers: int) -> dict:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    module = load_module(args.ckpt)
+    module = load_model(args.ckpt)
     paths = sorted(Path(args.kodak).glob("kodim*.png"))
     sets = {"kodak 64×64": [box_resize_center_crop(load_image(p), 64) for p in paths[: args.images]],
             "kodak 256×256 crops": [load_image(p)[:, 128:384, 256:512].contiguous() for p in paths[: args.crops]]}

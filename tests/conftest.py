@@ -11,10 +11,11 @@ import torch
 import yaml
 
 from uqdm.cli import main
-from uqdm.codec import import_official, save_checkpoint
 from uqdm.codec.fuzz import TINY, save_module, tiny_module as build_tiny_module
 from uqdm.diffusion import UQDM, GaussianDiffusion
 from uqdm.images import box_resize_center_crop, load_image
+from uqdm.released import import_official
+from uqdm.weights import save_checkpoint
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
 

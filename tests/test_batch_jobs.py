@@ -165,7 +165,7 @@ FIT = [
     "--trainer.callbacks.init_args.save_last=true", "--trainer.callbacks+=full_disk.FillDisk",
 ]
 # Run in the checkpoints' mount namespace (where the tmpfs is): the fit, then what it left.
-CHECK = ("import os, sys; from uqdm.checkpoints import safe_load; d = sys.argv[1]; "
+CHECK = ("import os, sys; from uqdm.weights import safe_load; d = sys.argv[1]; "
          "print(sorted(p for p in os.listdir(d) if p != 'filler'), safe_load(d + '/last.ckpt')['global_step'])")
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import uqdm
-import uqdm.checkpoint_io as checkpoint_io
+import uqdm.resume as resume
 from uqdm.atomic import atomic_write
-from uqdm.checkpoint_io import AtomicCheckpointIO, find_last_checkpoint
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
+from uqdm.resume import AtomicCheckpointIO, find_last_checkpoint
 
 
 class _Payload:
@@ -173,7 +173,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.arange(3.0)}}, path)
-    monkeypatch.setattr(checkpoint_io.torch, "save", _crashing_save)
+    monkeypatch.setattr(resume.torch, "save", _crashing_save)
     with pytest.raises(UQDMError, match="cannot write checkpoint .*simulated"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
@@ -182,7 +182,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
 
 
 def test_crash_while_saving_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_io.torch, "save", _crashing_save)
+    monkeypatch.setattr(resume.torch, "save", _crashing_save)
     with pytest.raises(UQDMError):
         AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "sub" / "epoch=0-step=1.ckpt")
     assert os.listdir(tmp_path / "sub") == []
@@ -217,11 +217,11 @@ def test_trainer_checkpoints_go_through_the_plugin(tmp_path, tiny_hparams):
     before = path.read_bytes()
     original = torch.save
     try:
-        checkpoint_io.torch.save = _crashing_save
+        resume.torch.save = _crashing_save
         with pytest.raises(UQDMError):
             trainer.save_checkpoint(path)
     finally:
-        checkpoint_io.torch.save = original
+        resume.torch.save = original
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
 
 

@@ -14,28 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from uqdm.checkpoints import load_module
 from uqdm.cli import main
-from uqdm.codec import (
-    Header,
-    compress,
-    compress_progressive,
-    decompress,
-    fingerprint,
-    import_official,
-    lightning_checkpoint,
-    parse,
-    save_checkpoint,
-    truncate,
-)
+from uqdm.codec import Header, compress, compress_progressive, decompress, fingerprint, parse, truncate
 from uqdm.codec import coder, exact, randomness, tables
 from uqdm.codec.container import pack, varint
+from uqdm.codec.fuzz import TINY, save_module
 from uqdm.codec.layers import expected_bits, split
 from uqdm.codec.tiling import from_tiles, to_tiles
 from uqdm.errors import UQDMError
 from uqdm.images import load_image, save_png
 from uqdm.module import UQDMModule
 from uqdm.options import DEFAULT_LAYERS
+from uqdm.released import import_official
+from uqdm.weights import lightning_checkpoint, load_model, save_checkpoint
 
 # Reference figures of the released tiny model on Kodak 64×64 (shared README, seed 0, denoise).
 REFERENCE_BPP = 15.7732
@@ -56,7 +47,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def module(tiny_module):
-    return tiny_module(n_timesteps=3)
+    """The tiny diffusion model (T = 3): what the codec takes."""
+    return tiny_module(n_timesteps=3).model
+
+
+@pytest.fixture(scope="module")
+def ckpt(module, tmp_path_factory) -> Path:
+    """A checkpoint of the file's `module`."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    save_checkpoint(lightning_checkpoint(module, TINY | {"n_timesteps": 3}), path)
+    return path
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_lossless_round_trip_of_different_sizes(module, images, files):
     for image, data in zip(images, files):
         decoded = decompress(module, data)
         assert torch.equal(decoded.image, image)
-        assert len(parse(data).layers) == module.hparams.n_timesteps * DEFAULT_LAYERS + 1
+        assert len(parse(data).layers) == module.n_timesteps * DEFAULT_LAYERS + 1
 
 
 def test_batch_and_sub_batch_do_not_change_the_bytes(module, images, files):
@@ -93,7 +93,7 @@ def test_batch_and_sub_batch_do_not_change_the_bytes(module, images, files):
 
 def test_every_layer_boundary_is_a_truncation_point(module, files):
     data = files[0]
-    T, L = module.hparams.n_timesteps, DEFAULT_LAYERS
+    T, L = module.n_timesteps, DEFAULT_LAYERS
     full = decompress(module, data, all_points=True)
     assert len(full.points) == T * L + 2
     for n in range(len(full.points)):
@@ -171,20 +171,20 @@ def test_the_encoder_shows_what_the_decoder_shows(module, images, files):
     for e in encoded:
         for method in methods:
             decoded = decompress(module, e.data, method=method, all_points=True)
-            assert len(e.points[method]) == len(decoded.points) == module.hparams.n_timesteps * DEFAULT_LAYERS + 2
+            assert len(e.points[method]) == len(decoded.points) == module.n_timesteps * DEFAULT_LAYERS + 2
             assert all(torch.equal(a, b) for a, b in zip(e.points[method], decoded.points))
         assert e.ideal_bits == pytest.approx(decoded.ideal_bits, rel=1e-9)  # last bits of z: another batch
 
 
 def test_normal_prior_round_trip(tiny_module):
-    module = tiny_module(3, n_timesteps=3, prior_type="normal")
+    module = tiny_module(3, n_timesteps=3, prior_type="normal").model
     image = smooth_image(16, 24, 3)
     data = compress(module, [image], tile=8)[0]
     assert torch.equal(decompress(module, data).image, image)
 
 
 def test_gaussian_diffusion_cannot_compress(tiny_hparams):
-    module = UQDMModule(**tiny_hparams, diffusion="gaussian")
+    module = UQDMModule(**tiny_hparams, diffusion="gaussian").model
     with pytest.raises(UQDMError, match="uniform"):
         compress(module, [smooth_image(8, 8)], tile=8)
 
@@ -206,7 +206,7 @@ def test_a_damaged_header_fails_the_crc(module, files):
 
 def test_another_model_is_refused(files, tiny_module):
     with pytest.raises(UQDMError, match="different model"):
-        decompress(tiny_module(seed=1, n_timesteps=3), files[0])
+        decompress(tiny_module(seed=1, n_timesteps=3).model, files[0])
 
 
 def _with_crc(head: bytes) -> bytes:
@@ -415,7 +415,7 @@ def test_cli_errors_are_one_line(ckpt, files, tiny_module, tmp_path, cli_exit):
     (tmp_path / "bad.uqdm").write_bytes(bytes(corrupt))
     assert "CRC32" in _exit_2(["decompress", "--ckpt", str(ckpt), str(tmp_path / "bad.uqdm"), "-o", out_png], cli_exit)
     other = tmp_path / "other.ckpt"
-    save_checkpoint(lightning_checkpoint(tiny_module(seed=2, n_timesteps=3)), other)
+    save_module(tiny_module(seed=2, n_timesteps=3), other)
     (tmp_path / "good.uqdm").write_bytes(files[0])
     message = _exit_2(["decompress", "--ckpt", str(other), str(tmp_path / "good.uqdm"), "-o", out_png], cli_exit)
     assert "different model" in message
@@ -435,16 +435,21 @@ def test_cli_truncated_file_warns(ckpt, files, tmp_path, capsys):
 # --- released tiny weights --------------------------------------------------------------------
 def test_import_official_ema_and_raw(released_dir, released_ckpt):
     directory, ema_path = released_dir, released_ckpt
-    ema = load_module(ema_path)
-    assert ema.model.schedule.w.item() == pytest.approx(17.9658, abs=1e-4)
-    lightning_loaded = UQDMModule.load_from_checkpoint(ema_path)
+    ema = load_model(ema_path)
+    assert ema.schedule.w.item() == pytest.approx(17.9658, abs=1e-4)
+    lightning_loaded = UQDMModule.load_from_checkpoint(ema_path).model
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), lightning_loaded.state_dict().values()))
     raw = import_official(directory, "raw")
     assert raw["state_dict"]["model.schedule.w"].item() == pytest.approx(18.3)
     assert raw["global_step"] == 500_000
-    differ = [k for k, v in raw["state_dict"].items() if not torch.equal(v, ema.state_dict()[k])]
+    differ = [k for k, v in raw["state_dict"].items() if not torch.equal(v, ema.state_dict()[k.removeprefix("model.")])]
     assert "model.network.conv_in.weight" in differ
-    assert fingerprint(ema) != fingerprint(UQDMModule(**raw["hyper_parameters"]))
+    assert fingerprint(ema) != fingerprint(UQDMModule(**raw["hyper_parameters"]).model)
+
+
+def test_fingerprint_of_released_weights_is_unchanged(released_ckpt):
+    """Files made by earlier versions of uqdm with the released tiny weights still decode."""
+    assert fingerprint(load_model(released_ckpt)).hex() == "7f9f138a37b6353e"
 
 
 def test_import_official_refuses_unsafe_checkpoints(tmp_path):
@@ -458,9 +463,9 @@ def test_import_official_refuses_unsafe_checkpoints(tmp_path):
 DECODE_ONE_BY_ONE = """
 import json, sys, torch
 torch.set_num_threads(1)
-from uqdm.checkpoints import load_module
 from uqdm.codec import decompress
-module = load_module(sys.argv[1])
+from uqdm.weights import load_model
+module = load_model(sys.argv[1])
 originals = torch.load(sys.argv[2] + "/originals.pt")
 out = []
 for i, x in enumerate(originals):
@@ -476,7 +481,7 @@ def test_kodak64_acceptance(released_ckpt, kodak64, tmp_path):
     the reference rates and qualities and at most 1% (0.5% in the chunks) above the ideal bits."""
     ckpt, images = released_ckpt, kodak64
     assert len(images) == 24
-    files = _with_threads(2, lambda: compress(load_module(ckpt), images, seed=0, layers=1))  # step points: as released
+    files = _with_threads(2, lambda: compress(load_model(ckpt), images, seed=0, layers=1))  # step points: as released
     out = tmp_path / "kodak64"
     out.mkdir()
     torch.save(images, out / "originals.pt")
@@ -506,7 +511,7 @@ def test_large_image_progressive(shared_data, released_ckpt):
     and the PSNR rises with every truncation point."""
     ckpt = released_ckpt
     image = load_image(shared_data / "kodak" / "kodim01.png")[:, 150:278, 250:442].contiguous()
-    module = load_module(ckpt)
+    module = load_model(ckpt)
     data = compress(module, [image])[0]
     full = decompress(module, data, all_points=True)
     assert torch.equal(full.image, image)
@@ -522,7 +527,7 @@ def test_kodak64_layers(released_ckpt, kodak64):
     layer. (The first layer of step 1 falls below the z₁ picture, 14.2 against 15.4 dB here: a
     quarter of z_s received and the rest at the prior's mean denoises worse than z₁ does; see the
     README.)"""
-    module, images = load_module(released_ckpt), kodak64[:4]
+    module, images = load_model(released_ckpt), kodak64[:4]
     layered = compress(module, images, seed=0)
     single = compress(module, images, seed=0, layers=1)
     assert sum(len(a) / len(b) - 1 for a, b in zip(layered, single)) / len(images) <= 0.01

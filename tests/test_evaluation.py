@@ -24,7 +24,6 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from uqdm import codec
 from uqdm.cli import main
-from uqdm.codec.official import import_official
 from uqdm.evaluation import ProgressiveMetrics, SharedNoise, bd_rate, point_names, progressive_chain
 from uqdm.evaluation.classical import CODECS, sweep
 from uqdm.evaluation.fid import FeatureMoments, fid_protocol, frechet_distances
@@ -35,6 +34,7 @@ from uqdm.evaluation.report import compressai_files, results_table
 from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
 from uqdm.options import DEFAULT_LAYERS
+from uqdm.released import import_official
 
 from compressai_format import PUBLISHED_JPEG, compressai_plot_reads, write_published
 
@@ -114,8 +114,8 @@ def test_evaluation_figures_are_the_decoders(tiny_module):
     what decoding the file shows."""
     module = tiny_module(n_timesteps=2)
     image = random_images(1, 12, seed=3)[0]  # 12×12 in 8-pixel tiles: 4 tiles, padded
-    data = codec.compress(module, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
-    decoded = codec.decompress(module, data, all_points=True)
+    data = codec.compress(module.model, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
+    decoded = codec.decompress(module.model, data, all_points=True)
     scores = ProgressiveScores(4, ["denoise"])
     code_each(module, [image], scores, seed=5, tile=8)
     result = scores.compute()
@@ -390,7 +390,7 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
 
     for name, image in photos.items():  # the files are real: they decode to the exact images
         data = (out / "files" / name).with_suffix(".uqdm").read_bytes()
-        assert torch.equal(codec.decompress(module, data).image, image)
+        assert torch.equal(codec.decompress(module.model, data).image, image)
 
 
 def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, capsys, random_alexnet_weights):

@@ -120,7 +120,7 @@ def test_random_garbage(module, sample):
 def test_a_file_of_another_model_is_refused(sample, tiny_module):
     for data in (sample.data, sample.head):
         with pytest.raises(UQDMError, match="different model"):
-            decompress(tiny_module(seed=1), data)
+            decompress(tiny_module(seed=1).model, data)
 
 
 # --- absurd sizes: refused (or the complete layers decoded) at once, memory bounded ----------
@@ -219,4 +219,4 @@ def test_the_header_must_name_the_models_number_of_steps(module, sample):
     header = Header(**(vars(sample.header) | {"n_timesteps": 5}))
     data = pack(header, list(sample.payloads))
     with pytest.raises(UQDMError):
-        decompress(module, data)
+        decompress(module.model, data)

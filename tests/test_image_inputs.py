@@ -154,7 +154,7 @@ def test_image_modes_become_the_expected_rgb_and_round_trip(case, module, ckpt, 
     run = run_cli(["decompress", "--ckpt", str(ckpt), str(packed), "-o", str(out)])
     assert run.error is None and run.code == 0 and not run.stderr, (run.error, run.stderr)
     assert torch.equal(load_image(out), expected)
-    assert torch.equal(decompress(module, packed.read_bytes()).image, expected)
+    assert torch.equal(decompress(module.model, packed.read_bytes()).image, expected)
 
 
 def test_images_of_every_mode_in_one_call(module, ckpt, tmp_path):
@@ -172,7 +172,7 @@ def test_images_of_every_mode_in_one_call(module, ckpt, tmp_path):
         assert torch.equal(load_image(tmp_path / "d" / f"{source.stem}.png"), picture), source.stem
     # the same images through the Python API in one call give the same files (what they lost included)
     loaded = [load_image_and_losses(s) for s in sources]
-    files = compress(module, [x.image for x in loaded], tile=TILE, lost=[x.lost for x in loaded])
+    files = compress(module.model, [x.image for x in loaded], tile=TILE, lost=[x.lost for x in loaded])
     assert files == [p.read_bytes() for p in packed]
 
 

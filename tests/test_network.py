@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from uqdm.checkpoints import load_official, network_kwargs_from_official, safe_load
 from uqdm.diffusion import to_centered
 from uqdm.errors import UQDMError
-from uqdm.network import Attention, ScoreNetwork, fourier_features
+from uqdm.network import Attention, NetworkConfig, ScoreNetwork, fourier_features
+from uqdm.released import network_config, read_released
+from uqdm.weights import safe_load
 
 PRESETS = {  # embedding_dim, n_blocks, norm_groups
     "tiny": (32, 1, 8),
@@ -22,8 +24,8 @@ PRESETS = {  # embedding_dim, n_blocks, norm_groups
 @pytest.fixture
 def tiny(released_dir):
     """The released tiny network (raw weights), in eval mode, and its checkpoint."""
-    config, checkpoint = load_official(released_dir)
-    net = ScoreNetwork(**network_kwargs_from_official(config))
+    config, checkpoint = read_released(released_dir)
+    net = ScoreNetwork(network_config(config))
     net.load_state_dict(checkpoint["model"], strict=True)
     return net.eval(), checkpoint
 
@@ -75,8 +77,8 @@ def test_released_weights_denoise(tiny, kodak64):
 
 def test_sdpa_matches_einsum_on_released_weights(tiny, released_dir, kodak64):
     net, checkpoint = tiny
-    config, _ = load_official(released_dir)
-    oracle = ScoreNetwork(**network_kwargs_from_official(config), attention="einsum").eval()
+    config, _ = read_released(released_dir)
+    oracle = ScoreNetwork(network_config(config), attention="einsum").eval()
     oracle.load_state_dict(checkpoint["model"], strict=True)
     z = to_centered(torch.stack(kodak64[:2])) + 0.1 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     gamma = torch.tensor([-3.0, 1.5])
@@ -101,8 +103,8 @@ def test_multihead_attention_matches_per_head_loop():
 def test_attention_everywhere_sdpa_matches_einsum():
     kwargs = dict(embedding_dim=16, n_blocks=2, norm_groups=4, attention_everywhere=True, n_attention_heads=2)
     torch.manual_seed(0)
-    net = perturb(ScoreNetwork(**kwargs))
-    oracle = ScoreNetwork(**kwargs, attention="einsum")
+    net = perturb(ScoreNetwork(NetworkConfig(**kwargs)))
+    oracle = ScoreNetwork(NetworkConfig(**kwargs), attention="einsum")
     oracle.load_state_dict(net.state_dict(), strict=True)
     assert any(".attention_block." in name for name in net.state_dict())
     z = torch.randn(2, 3, 8, 8)
@@ -121,7 +123,7 @@ def test_fresh_network_is_identity():
 
 
 def test_without_learned_prior_scale():
-    net = perturb(ScoreNetwork(learned_prior_scale=False, use_fourier_features=False))
+    net = perturb(ScoreNetwork(NetworkConfig(learned_prior_scale=False, use_fourier_features=False)))
     assert net.conv_out[-1].out_channels == 3 and net.conv_in.in_channels == 3
     eps_hat, scale = net(torch.randn(1, 3, 8, 8), torch.tensor(0.0))
     assert scale is None and eps_hat.shape == (1, 3, 8, 8)
@@ -138,9 +140,9 @@ def test_fourier_features_frequency_major():
             torch.testing.assert_close(features[:, 6 + f * 3 + c].double(), angle.cos(), atol=1e-4, rtol=0)
 
 
-def test_network_kwargs_from_official(released_dir):
+def test_network_config_of_released_weights(released_dir):
     config = json.loads((released_dir / "config.json").read_text())
-    kwargs = network_kwargs_from_official(config)
+    kwargs = dataclasses.asdict(network_config(config))
     assert kwargs["dropout"] == 0.0 and "dropout_prob" not in kwargs
     assert (kwargs["embedding_dim"], kwargs["n_blocks"], kwargs["norm_groups"]) == PRESETS["tiny"]
     assert (kwargs["gamma_min"], kwargs["gamma_max"]) == (-12.3, 6.0)
@@ -178,11 +180,11 @@ def test_safe_load_bad_files(tmp_path):
     with pytest.raises(UQDMError, match="not a torch checkpoint"):
         safe_load(tmp_path / "junk.pt")
     with pytest.raises(UQDMError, match="config.json"):
-        load_official(tmp_path)
+        read_released(tmp_path)
 
 
 def test_safe_load_released_checkpoint(released_dir):
-    checkpoint = safe_load(released_dir / "checkpoint.pt")
+    _, checkpoint = read_released(released_dir)
     assert set(checkpoint) == {"model", "ema", "optimizer", "step"}
     assert checkpoint["step"] == 500_000
     assert checkpoint["ema"]["shadow_params"][-1].item() == pytest.approx(17.9658, abs=1e-4)
@@ -192,7 +194,7 @@ def test_safe_load_released_checkpoint(released_dir):
 def test_preset_parameter_counts(preset):
     embedding_dim, n_blocks, norm_groups = PRESETS[preset]
     with torch.device("meta"):
-        net = ScoreNetwork(embedding_dim=embedding_dim, n_blocks=n_blocks, norm_groups=norm_groups)
+        net = ScoreNetwork(NetworkConfig(embedding_dim=embedding_dim, n_blocks=n_blocks, norm_groups=norm_groups))
     count = sum(p.numel() for p in net.parameters())
     print(f"uqdm-{preset}: {count:,} parameters")
     assert count > 0

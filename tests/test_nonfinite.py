@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from uqdm.callbacks import EMA
-from uqdm.checkpoints import load_module, safe_load
 from uqdm.data import SampleImages
 from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
+from uqdm.weights import safe_load
 
 OPTIMISATION = dict(lr=1e-3, warmup=0)
 
@@ -154,7 +154,7 @@ def test_too_many_in_a_row_stops_with_a_checkpoint(tmp_path, tiny_hparams):
     _assert_equal(saved["current_model_state"], snapshots.taken[1]["weights"])
     ema = {k[len("module."):]: v for k, v in snapshots.taken[1]["ema"].items() if k.startswith("module.")}
     _assert_equal(saved["state_dict"], ema)
-    assert load_module(path).hparams.max_nonfinite_in_a_row == 3
+    assert UQDMModule.load_from_checkpoint(path, weights_only=True).hparams.max_nonfinite_in_a_row == 3
 
 
 def test_max_nonfinite_in_a_row_must_be_positive(tiny_hparams):

@@ -2,7 +2,7 @@
 ``--ckpt_path last``, and must end exactly where an uninterrupted run of the same length ends.
 
 The checkpoints fall at epoch ends (2 batches an epoch, one every 2 steps): from there a resumed
-run repeats the uninterrupted one bit for bit (`uqdm.checkpoint_io.ResumeState` restores the
+run repeats the uninterrupted one bit for bit (`uqdm.resume.ResumeState` restores the
 random generators; deterministic CPU kernels, one thread), and the W&B run continues. Resuming
 mid-epoch, for every data module and with workers: `tests/test_resume_any_step.py`.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from checkpoint_states import assert_same
 from short_fit import short_fit_config
-from uqdm.checkpoints import safe_load
+from uqdm.weights import safe_load
 
 STEPS, CHECKPOINT_EVERY = 6, 2
 
@@ -57,7 +57,7 @@ CONFIG = short_fit_config(
     ],
     trainer={
         "log_every_n_steps": 1,
-        "plugins": [{"class_path": "uqdm.checkpoint_io.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "uqdm.resume.AtomicCheckpointIO"}],
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
                    "init_args": {"project": "resume-test", "name": "resume", "save_dir": "runs"}},
     },

@@ -24,7 +24,7 @@ from PIL import Image
 
 from checkpoint_states import assert_same
 from short_fit import short_fit_config
-from uqdm.checkpoints import safe_load
+from uqdm.weights import safe_load
 
 STEPS, CHECKPOINT_EVERY, KILL_AT = 8, 2, 5
 CASES = [(data, workers) for data in ("SampleImages", "ImageFolder", "ImageNet64") for workers in (0, 2)]

@@ -61,10 +61,10 @@ def lightning_main(argv: list[str] | None) -> None:
     from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.cli import LightningCLI
 
-    from .checkpoint_io import AtomicCheckpointIO, ResumeState, continue_logger_runs, find_last_checkpoint
-    from .checkpoints import safe_load
     from .module import UQDMModule
+    from .resume import AtomicCheckpointIO, ResumeState, continue_logger_runs, find_last_checkpoint
     from .wandb_mode import offline_without_account
+    from .weights import safe_load
 
     class UQDMCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:

@@ -1,5 +1,5 @@
-"""The LightningModule: builds the network, schedule and objective from flat hyperparameters,
-logs the NELBO's terms in bits per dimension, and sets up Adam with a linear warm-up."""
+"""The LightningModule: builds the model from flat hyperparameters (`build_model`), logs the
+NELBO's terms in bits per dimension, and sets up Adam with a linear warm-up."""
 
 import math
 import os
@@ -8,24 +8,22 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .checkpoints import safe_load
-from .diffusion import DIFFUSIONS, GaussianDiffusion, UQDM
+from .diffusion import GaussianDiffusion
 from .errors import UQDMError
 from .estimators import ESTIMATORS, nelbo
-from .network import ScoreNetwork
+from .hyperparameters import build_model
 from .rng import seeded
-from .schedules import make_schedule
+from .weights import safe_load
 
 
 class UQDMModule(L.LightningModule):
     """A UQDM (or its Gaussian twin) trained on its NELBO, the expected size of its bitstream.
 
-    Model: `n_timesteps` (T), `diffusion` ("uniform": UQDM; "gaussian": the Gaussian-diffusion
-    comparison, whose rate is theoretical), `prior_type`, `base_prior_scale`,
-    `learned_prior_scale`, `clip_prior_mean`, `noise_schedule`, `fix_gamma_max`,
-    `gamma_min`/`gamma_max`. Network: see `uqdm.network.ScoreNetwork`.
-    Optimiser: Adam(`lr`, (`beta1`, `beta2`), `eps`, `weight_decay`), learning rate ramped
-    linearly from 0 over `warmup` steps. Gradient clipping and precision are Trainer options.
+    Model: the arguments of `uqdm.hyperparameters.build_model` (`n_timesteps`, `diffusion`, the
+    prior, the schedule) and the fields of `uqdm.network.NetworkConfig`, all flat
+    (``--model.embedding_dim=64``). Optimiser: Adam(`lr`, (`beta1`, `beta2`), `eps`,
+    `weight_decay`), learning rate ramped linearly from 0 over `warmup` steps. Gradient clipping and
+    precision are Trainer options.
 
     `estimator`: how a training step estimates the NELBO (`uqdm.estimators`): "chain" walks all T
     steps (the paper's, T network calls per image), "one_step" samples one step per image (one
@@ -44,24 +42,6 @@ class UQDMModule(L.LightningModule):
 
     def __init__(
         self,
-        n_timesteps: int = 4,
-        diffusion: str = "uniform",
-        prior_type: str = "logistic",
-        base_prior_scale: str = "forward_kernel",
-        learned_prior_scale: bool = True,
-        clip_prior_mean: bool = True,
-        noise_schedule: str = "learned_linear",
-        fix_gamma_max: bool = True,
-        gamma_min: float = -12.3,
-        gamma_max: float = 6.0,
-        embedding_dim: int = 32,
-        n_blocks: int = 1,
-        norm_groups: int = 8,
-        attention_everywhere: bool = False,
-        n_attention_heads: int = 1,
-        use_fourier_features: bool = True,
-        dropout: float = 0.0,
-        n_channels: int = 3,
         lr: float = 2e-4,
         beta1: float = 0.9,
         beta2: float = 0.999,
@@ -71,10 +51,9 @@ class UQDMModule(L.LightningModule):
         max_nonfinite_in_a_row: int = 10,
         estimator: str = "chain",
         init_from: str | None = None,
+        **model,
     ):
         super().__init__()
-        if diffusion not in DIFFUSIONS:
-            raise ValueError(f"unknown diffusion {diffusion!r}; choose one of {DIFFUSIONS}")
         if max_nonfinite_in_a_row < 1:
             raise ValueError("max_nonfinite_in_a_row must be at least 1")
         if estimator not in ESTIMATORS:
@@ -82,31 +61,9 @@ class UQDMModule(L.LightningModule):
         self.nonfinite_steps = 0  # skipped training steps in the whole run (kept in checkpoints)
         self.nonfinite_in_a_row = 0
         self._skip_step = False
-        self.save_hyperparameters()
-        network = ScoreNetwork(
-            n_channels=n_channels,
-            embedding_dim=embedding_dim,
-            n_blocks=n_blocks,
-            norm_groups=norm_groups,
-            attention_everywhere=attention_everywhere,
-            n_attention_heads=n_attention_heads,
-            use_fourier_features=use_fourier_features,
-            dropout=dropout,
-            learned_prior_scale=learned_prior_scale,
-            gamma_min=gamma_min,
-            gamma_max=gamma_max,
-        )
-        schedule = make_schedule(noise_schedule, gamma_min, gamma_max, fix_gamma_max)
-        objective = UQDM if diffusion == "uniform" else GaussianDiffusion
-        self.model = objective(
-            network,
-            schedule,
-            n_timesteps=n_timesteps,
-            prior_type="normal" if diffusion == "gaussian" else prior_type,
-            base_prior_scale=base_prior_scale,
-            clip_prior_mean=clip_prior_mean,
-        )
-        if diffusion == "gaussian":
+        self.save_hyperparameters()  # flat: the arguments above and those in `model`
+        self.model = build_model(**model)
+        if self.rate_is_theoretical:
             rank_zero_warn(
                 "Gaussian diffusion: its bpd is the theoretical KL rate; no practical coder reaches it."
             )
@@ -114,7 +71,7 @@ class UQDMModule(L.LightningModule):
     @property
     def rate_is_theoretical(self) -> bool:
         """True for the Gaussian model, whose rate no real bitstream achieves."""
-        return self.hparams.diffusion == "gaussian"
+        return isinstance(self.model, GaussianDiffusion)
 
     def setup(self, stage: str) -> None:
         """A new fit with `init_from` starts from that checkpoint's weights (EMA's copy follows at

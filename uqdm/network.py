@@ -1,10 +1,12 @@
 """The single-resolution VDM score network used by UQDM.
 
-Parameter names and shapes match the weights released with the paper, so
-``ScoreNetwork(**network_kwargs_from_official(config)).load_state_dict(ckpt["model"])`` works as is.
+Its hyperparameters are declared once, in `NetworkConfig`. Parameter names and shapes match the
+weights released with the paper, so
+``ScoreNetwork(released.network_config(config)).load_state_dict(ckpt["model"])`` works as is.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +111,11 @@ class UpDownBlock(nn.Module):
         return self.attention_block(self.resnet_block(x, cond))
 
 
-class ScoreNetwork(nn.Module):
-    """VDM score network: predicts the noise ``ε̂(z_t, γ_t)`` and, optionally, a prior-scale factor.
-
-    All blocks work at full resolution with ``embedding_dim`` channels: ``n_blocks`` residual blocks
-    down, residual–attention–residual in the middle, ``n_blocks + 1`` up with skip concatenation.
-    The head outputs ``2·C`` channels: ``ε̂ = out[:, :C] + z`` and
-    ``scale = softplus(out[:, C:] + log(e − 1))`` (exactly 1 at initialisation).
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The score network's hyperparameters: `UQDMModule` takes them as flat arguments
+    (``--model.embedding_dim=64``), the released weights' importer reads them from ``config.json``
+    and the codec's fingerprint covers them.
 
     Args:
         n_channels: image channels ``C``.
@@ -127,69 +127,84 @@ class ScoreNetwork(nn.Module):
         use_fourier_features: concatenate ``sin/cos(2π·2^n·z)``, ``n ∈ {5, 6}``, to the input.
         dropout: dropout probability inside the residual blocks.
         learned_prior_scale: output the prior-scale factor (else it is ``None``).
-        gamma_min: config constant normalising the conditioning ``t' = (γ_t − γ_min)/(γ_max − γ_min)``.
-        gamma_max: see ``gamma_min``.
+        gamma_min: γ at t = 0; it also normalises the conditioning ``t' = (γ_t − γ_min)/(γ_max − γ_min)``.
+        gamma_max: γ at t = 1; see ``gamma_min``.
+    """
+
+    n_channels: int = 3
+    embedding_dim: int = 32
+    n_blocks: int = 1
+    norm_groups: int = 8
+    attention_everywhere: bool = False
+    n_attention_heads: int = 1
+    use_fourier_features: bool = True
+    dropout: float = 0.0
+    learned_prior_scale: bool = True
+    gamma_min: float = -12.3
+    gamma_max: float = 6.0
+
+
+class ScoreNetwork(nn.Module):
+    """VDM score network: predicts the noise ``ε̂(z_t, γ_t)`` and, optionally, a prior-scale factor.
+
+    All blocks work at full resolution with ``embedding_dim`` channels: ``n_blocks`` residual blocks
+    down, residual–attention–residual in the middle, ``n_blocks + 1`` up with skip concatenation.
+    The head outputs ``2·C`` channels: ``ε̂ = out[:, :C] + z`` and
+    ``scale = softplus(out[:, C:] + log(e − 1))`` (exactly 1 at initialisation).
+
+    Args:
+        config: the hyperparameters (`NetworkConfig`).
         attention: ``"sdpa"`` (fused kernel) or ``"einsum"`` (explicit, the paper's form).
     """
 
     fourier_exponents = (5, 6)
 
-    def __init__(
-        self,
-        n_channels: int = 3,
-        embedding_dim: int = 32,
-        n_blocks: int = 1,
-        norm_groups: int = 8,
-        attention_everywhere: bool = False,
-        n_attention_heads: int = 1,
-        use_fourier_features: bool = True,
-        dropout: float = 0.0,
-        learned_prior_scale: bool = True,
-        gamma_min: float = -12.3,
-        gamma_max: float = 6.0,
-        attention: str = "sdpa",
-    ):
+    def __init__(self, config: NetworkConfig = NetworkConfig(), attention: str = "sdpa"):
         super().__init__()
-        self.n_channels, self.embedding_dim = n_channels, embedding_dim
-        self.use_fourier_features, self.learned_prior_scale = use_fourier_features, learned_prior_scale
-        self.gamma_min, self.gamma_max = gamma_min, gamma_max
-        E, cond_dim = embedding_dim, 4 * embedding_dim
+        self.config = config
+        n_channels, norm_groups = config.n_channels, config.norm_groups
+        E, cond_dim = config.embedding_dim, 4 * config.embedding_dim
 
         def resnet(ch_in: int = E) -> ResnetBlock:
-            return ResnetBlock(ch_in, E, cond_dim, norm_groups, dropout)
+            return ResnetBlock(ch_in, E, cond_dim, norm_groups, config.dropout)
 
         def attn() -> AttentionBlock:
-            return AttentionBlock(E, n_attention_heads, norm_groups, attention)
+            return AttentionBlock(E, config.n_attention_heads, norm_groups, attention)
 
         def block(ch_in: int = E) -> UpDownBlock:
-            return UpDownBlock(resnet(ch_in), attn() if attention_everywhere else None)
+            return UpDownBlock(resnet(ch_in), attn() if config.attention_everywhere else None)
 
         self.embed_conditioning = nn.Sequential(
             nn.Linear(E, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU()
         )
-        n_fourier = 2 * len(self.fourier_exponents) * n_channels if use_fourier_features else 0
+        n_fourier = 2 * len(self.fourier_exponents) * n_channels if config.use_fourier_features else 0
         self.conv_in = nn.Conv2d(n_channels + n_fourier, E, 3, padding=1)
-        self.down_blocks = nn.ModuleList(block() for _ in range(n_blocks))
+        self.down_blocks = nn.ModuleList(block() for _ in range(config.n_blocks))
         self.mid_resnet_block_1 = resnet()
         self.mid_attn_block = attn()
         self.mid_resnet_block_2 = resnet()
-        self.up_blocks = nn.ModuleList(block(2 * E) for _ in range(n_blocks + 1))
-        n_out = 2 * n_channels if learned_prior_scale else n_channels
+        self.up_blocks = nn.ModuleList(block(2 * E) for _ in range(config.n_blocks + 1))
+        n_out = 2 * n_channels if config.learned_prior_scale else n_channels
         self.conv_out = nn.Sequential(
             nn.GroupNorm(norm_groups, E), nn.SiLU(), zero_init(nn.Conv2d(E, n_out, 3, padding=1))
         )
+
+    @property
+    def n_channels(self) -> int:
+        """Image channels ``C``."""
+        return self.config.n_channels
 
     def condition(self, gamma_t: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:
         """``MLP(embed(1000·(γ_t − γ_min)/(γ_max − γ_min)))``, one row per batch element."""
         gamma_t = torch.as_tensor(gamma_t, device=self.conv_in.weight.device)
         gamma_t = gamma_t.to(torch.promote_types(gamma_t.dtype, torch.float32)).reshape(-1).expand(batch_size)
-        t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
-        return self.embed_conditioning(timestep_embedding(1000 * t, self.embedding_dim).to(dtype))
+        t = (gamma_t - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min)
+        return self.embed_conditioning(timestep_embedding(1000 * t, self.config.embedding_dim).to(dtype))
 
     def forward(self, z: Tensor, gamma_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Return ``(ε̂, scale_factor)`` for ``z`` of shape ``(B, C, H, W)`` and ``γ_t`` scalar or ``(B,)``."""
         cond = self.condition(gamma_t, z.shape[0], z.dtype)
-        h = torch.cat([z, fourier_features(z, self.fourier_exponents)], dim=1) if self.use_fourier_features else z
+        h = torch.cat([z, fourier_features(z, self.fourier_exponents)], dim=1) if self.config.use_fourier_features else z
         h = self.conv_in(h)
         skips = [h]
         for block in self.down_blocks:
@@ -202,6 +217,6 @@ class ScoreNetwork(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), cond)
         out = self.conv_out(h)
         eps_hat = out[:, : self.n_channels] + z
-        if not self.learned_prior_scale:
+        if not self.config.learned_prior_scale:
             return eps_hat, None
         return eps_hat, F.softplus(out[:, self.n_channels :] + math.log(math.e - 1))

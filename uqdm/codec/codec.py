@@ -75,26 +75,29 @@ class SubBatched(nn.Module):
         return eps, (None if outs[0][1] is None else torch.cat([o[1] for o in outs]))
 
 
+# The network's hyperparameters that the fingerprint has covered since format version 1 (the
+# others are implied by the state_dict's names and shapes, or have no effect in eval mode; not
+# norm_groups and n_attention_heads, which adding would change every model's fingerprint).
+FINGERPRINTED_NETWORK_FIELDS = ("n_channels", "embedding_dim", "use_fourier_features", "learned_prior_scale",
+                                "gamma_min", "gamma_max")
+
+
 def as_uqdm(model: nn.Module) -> UQDM:
-    """The UQDM of a `UQDMModule` (or the UQDM itself); Gaussian diffusion has no real code."""
-    model = getattr(model, "model", model)
+    """`model` itself if it can code (a UQDM); Gaussian diffusion has no real code."""
     if not isinstance(model, UQDM):
         raise UQDMError("only a universally quantized (diffusion: uniform) model can compress; "
                         f"got {type(model).__name__}")
     return model
 
 
-def fingerprint(model: nn.Module) -> bytes:
+def fingerprint(model: UQDM) -> bytes:
     """First 8 bytes of SHA-256 over the model's configuration (sorted JSON) and every state_dict
     tensor (sorted names, shapes, float64 bytes)."""
     model = as_uqdm(model)
     network = model.network
     config = {k: getattr(model, k) for k in ("n_timesteps", "prior_type", "base_prior_scale", "clip_prior_mean")}
     config["classes"] = [type(m).__name__ for m in (model, model.schedule, network)]
-    config["network"] = {
-        k: v for k, v in vars(network).items()
-        if isinstance(v, (bool, int, float, str)) and k != "training" and not k.startswith("_")
-    }
+    config["network"] = {k: getattr(network.config, k) for k in FINGERPRINTED_NETWORK_FIELDS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
@@ -102,7 +105,7 @@ def fingerprint(model: nn.Module) -> bytes:
     return digest.digest()[:FINGERPRINT_BYTES]
 
 
-def codec_model(model: nn.Module, batch_tiles: int = BATCH_TILES) -> UQDM:
+def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES) -> UQDM:
     """A float64, eval-mode copy of the model whose network runs in sub-batches."""
     net = copy.deepcopy(as_uqdm(model)).double().eval()
     net.network = SubBatched(net.network, batch_tiles)
@@ -195,7 +198,7 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 
 
 @torch.inference_mode()
-def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, seed: int = 0,
+def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: int = 0,
              tile: int = 64, batch_tiles: int = BATCH_TILES,
              on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
              lost: Sequence[Sequence[str]] | None = None) -> list[bytes]:
@@ -212,7 +215,7 @@ def compress(model: nn.Module, images: list[Tensor], steps: int | None = None, s
 
 
 @torch.inference_mode()
-def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
+def compress_progressive(model: UQDM, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
                          tile: int = 64, batch_tiles: int = BATCH_TILES,
                          on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[Encoded]:
     """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
@@ -225,7 +228,7 @@ def compress_progressive(model: nn.Module, images: list[Tensor], seeds: Sequence
     return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers)
 
 
-def _encode(model: nn.Module, images: list[Tensor], seeds: Sequence[int], steps: int | None,
+def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
             on_chunk: Callable[[int], None] | None, layers: int,
             lost: Sequence[Sequence[str]] | None = None) -> list[Encoded]:
@@ -293,7 +296,7 @@ def _check_method(method: str) -> None:
 
 
 @torch.inference_mode()
-def decompress(model: nn.Module, data: bytes, steps: int | None = None, method: str = "denoise",
+def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str = "denoise",
                all_points: bool = False, batch_tiles: int = BATCH_TILES,
                on_point: Callable[[int, Tensor], None] | None = None) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
@@ -369,6 +372,6 @@ def _lossless_ideal_bits(net: UQDM, x_raw: Tensor, z_0: Tensor) -> float:
     return nats / math.log(2)
 
 
-def layer_ideal_bits(model: nn.Module, data: bytes) -> list[float]:
+def layer_ideal_bits(model: UQDM, data: bytes) -> list[float]:
     """Per layer, −log₂ of its coded symbols' probabilities under the unquantised model."""
     return decompress(model, data).ideal_bits

@@ -147,7 +147,8 @@ def _warnings_to_stderr(prefix: str = ""):
 
 
 def run_import_official(args) -> None:
-    from .official import import_official, save_checkpoint
+    from uqdm.released import import_official
+    from uqdm.weights import save_checkpoint
 
     checkpoint = import_official(args.directory, args.weights)
     save_checkpoint(checkpoint, args.output)
@@ -167,10 +168,10 @@ def run_compress(args) -> None:
     _positive(tile=args.tile, batch_tiles=args.batch_tiles)
     if args.bpp is not None:
         _budget_bytes(args.bpp, 1, 1)  # refuse a bad budget before any work
-    from uqdm.checkpoints import load_module
+    from uqdm.weights import load_model
 
     outputs = _destinations(args.images, args, ".uqdm")
-    model = load_module(args.ckpt)
+    model = load_model(args.ckpt)
     job = BatchJob(len(args.images), "compressed")
     group, tiles = [], 0
     for i, path in enumerate(args.images):
@@ -228,14 +229,14 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
 
 
 def run_decompress(args) -> None:
-    from uqdm.checkpoints import load_module
     from uqdm.images import save_png
+    from uqdm.weights import load_model
 
     from .codec import decompress
 
     _positive(batch_tiles=args.batch_tiles)
     outputs = _destinations(args.files, args, ".png")
-    model = load_module(args.ckpt)
+    model = load_model(args.ckpt)
     job = BatchJob(len(args.files), "decompressed")
     for path, output in zip(args.files, outputs):
         with job.item(path):
@@ -275,10 +276,10 @@ def run_info(args) -> None:
             layers.append({"step": step, "layer": layer, "bytes": len(payload),
                            "bpp": 8 * end / (header.height * header.width)})
         if args.ckpt is not None:
-            from uqdm.checkpoints import load_module
+            from uqdm.weights import load_model
 
             from .codec import layer_ideal_bits
 
-            for entry, bits in zip(layers, layer_ideal_bits(load_module(args.ckpt), data)):
+            for entry, bits in zip(layers, layer_ideal_bits(load_model(args.ckpt), data)):
                 entry["ideal_bits"] = bits
     print(json.dumps({"header": header.as_dict(), "bytes": len(data), "layers": layers}, indent=2))

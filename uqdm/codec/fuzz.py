@@ -38,10 +38,11 @@ import torch
 from PIL import Image
 
 from uqdm.cli import main
-from uqdm.codec import compress, decompress, lightning_checkpoint, parse, save_checkpoint
+from uqdm.codec import compress, decompress, parse
 from uqdm.codec.container import MAGIC, VERSION, Header, pack, varint
 from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.module import UQDMModule
+from uqdm.weights import lightning_checkpoint, save_checkpoint
 
 N_TIMESTEPS = 2
 IMAGE_SIZE = (4, 7)  # H, W: with TILE = 4, two tiles, the second one padded
@@ -98,15 +99,15 @@ class Sample:
 
 def make_sample(module: UQDMModule, image: torch.Tensor | None = None, tile: int = TILE, seed: int = SEED) -> Sample:
     image = sample_image() if image is None else image
-    data = compress(module, [image], tile=tile, seed=seed)[0]
+    data = compress(module.model, [image], tile=tile, seed=seed)[0]
     container = parse(data)
-    refs = decompress(module, data, all_points=True).points
+    refs = decompress(module.model, data, all_points=True).points
     assert torch.equal(refs[-1], image)
     return Sample(data, container.header, tuple(container.ends), tuple(container.layers), tuple(refs), image)
 
 
 def save_module(module: UQDMModule, path: Path) -> Path:
-    save_checkpoint(lightning_checkpoint(module), path)
+    save_checkpoint(lightning_checkpoint(module.model, module.hparams), path)
     return path
 
 
@@ -403,7 +404,7 @@ def classify(module: UQDMModule, sample: Sample, data: bytes, check_picture: boo
     try:
         with memory_cap(), watchdog(time_limit), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            decoded = decompress(module, data)
+            decoded = decompress(module.model, data)
     except Hang:
         return Result("hang", f"no result after {time_limit} s", time.perf_counter() - start)
     except UQDMError as e:

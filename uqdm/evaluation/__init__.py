@@ -5,7 +5,7 @@ The names below load on first use, so that `uqdm plot` (which reads results file
 neither torch nor Lightning.
 """
 
-import importlib
+from uqdm.lazy import lazy_exports
 
 _EXPORTS = {
     "ProgressiveMetrics": ".callback",
@@ -17,9 +17,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from uqdm.checkpoints import load_module
-from uqdm.diffusion import RECONSTRUCTIONS
-from uqdm.errors import UQDMError
 from uqdm.atomic import write_atomic
+from uqdm.diffusion import UQDM
+from uqdm.errors import UQDMError
 from uqdm.images import box_resize_center_crop, load_images
+from uqdm.options import RECONSTRUCTIONS
+from uqdm.weights import load_model
 
 from .classical import CODECS
 from .fid import fid_protocol, inception_weights, load_inception
@@ -94,8 +95,8 @@ def _check(args) -> None:
 def run(args) -> None:
     """The handler of `uqdm evaluate`."""
     _check(args)
-    module = load_module(args.ckpt, map_location=args.device)
-    if module.rate_is_theoretical:
+    model = load_model(args.ckpt, map_location=args.device)
+    if not isinstance(model, UQDM):
         raise UQDMError(f"{args.ckpt} is a Gaussian diffusion: it has no real code to evaluate")
     named = load_images(args.images)
     images = [box_resize_center_crop(im, args.size) if args.size else im for _, im in named]
@@ -131,7 +132,7 @@ def run(args) -> None:
         return bars[-1].update
 
     try:
-        results, files = evaluate(module, images, names=[name for name, _ in named], methods=args.methods,
+        results, files = evaluate(model, images, names=[name for name, _ in named], methods=args.methods,
                                   codecs=args.codecs, inception=inception, lpips=lpips, seed=args.seed,
                                   tile=args.tile, batch_size=args.batch_size, size=args.size, decode=args.decode,
                                   progress=progress)

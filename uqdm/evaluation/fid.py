@@ -16,7 +16,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics import Metric
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from uqdm.checkpoints import safe_load
+from uqdm.weights import safe_load
 
 from .pretrained import fetch_weights
 

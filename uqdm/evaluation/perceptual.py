@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torchmetrics.functional.image.lpips import _NoTrainLpips
 from torchvision.models import AlexNet_Weights, alexnet
 
-from uqdm.checkpoints import safe_load
 from uqdm.errors import UQDMError
+from uqdm.weights import safe_load
 
 from .pretrained import fetch_weights
 

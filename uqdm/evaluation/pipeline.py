@@ -136,7 +136,7 @@ def evaluate(
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
     names = [str(n) for n in range(len(images))] if names is None else list(names)
-    points_named = point_names(module.model.n_timesteps)
+    points_named = point_names(module.n_timesteps)
     kind = ssim_kind(images)
     device = next(module.parameters()).device
     scores = ProgressiveScores(len(points_named), methods, ssim=kind, inception=inception, lpips=lpips,

@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from .atomic import atomic_write
-from .checkpoints import safe_load
+from .weights import safe_load
 from .errors import UQDMError
 
 
@@ -53,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Save: ``torch.save`` streamed into a temporary file in the checkpoint's folder, fsync, then
     ``os.replace``. (Lightning's own save stages the file in the system temp folder and moves it,
     which across file systems is a copy onto the final name that a crash can cut short.) Load:
-    always ``weights_only=True`` with `uqdm.checkpoints.safe_load`'s allow-list, whatever the caller
+    always ``weights_only=True`` with `uqdm.weights.safe_load`'s allow-list, whatever the caller
     asks. A file that needs any other global is refused with a `UQDMError`, as is a failed write.
     Remote (fsspec) paths fall back to Lightning's save, and to its loader with ``weights_only=True``.
     """
