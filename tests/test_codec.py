@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import constriction
@@ -17,7 +18,7 @@ import torch
 from uqdm.cli import main
 from uqdm.codec import Header, compress, compress_progressive, decompress, fingerprint, parse, truncate
 from uqdm.codec import coder, exact, randomness, tables
-from uqdm.codec.container import pack, varint
+from uqdm.codec.container import MODES, pack, varint
 from uqdm.codec.fuzz import TINY, save_module
 from uqdm.codec.layers import expected_bits, split
 from uqdm.codec.tiling import from_tiles, to_tiles
@@ -89,6 +90,41 @@ def test_batch_and_sub_batch_do_not_change_the_bytes(module, images, files):
     assert compress(module, images[:1], tile=16, batch_tiles=1) == files[:1]
     assert compress(module, images[1:], tile=16, batch_tiles=3) == files[1:]
     assert torch.equal(decompress(module, files[0], batch_tiles=5).image, images[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_files_do_not_depend_on_batch_or_threads(module, images, mode):
+    """In each mode, images coded together (32 tiles per network call, 2 threads) give the bytes of
+    each coded alone (1 tile per call, 1 thread); every file decodes to the same symbols, lossless
+    image and lossy pictures on 1 and on 2 threads."""
+    batch = [*images, smooth_image(64, 128, 4)]  # 6 + 1 + 32 tiles of 16×16
+    together = _with_threads(2, lambda: compress(module, batch, tile=16, batch_tiles=32, mode=mode))
+    alone = [_with_threads(1, lambda im=im: compress(module, [im], tile=16, batch_tiles=1, mode=mode)[0])
+             for im in batch]
+    assert together == alone
+    for image, data in zip(batch, together):
+        assert parse(data).header.mode == mode
+        one = _with_threads(1, lambda: decompress(module, data, all_points=True, batch_tiles=1))
+        two = _with_threads(2, lambda: decompress(module, data, all_points=True, batch_tiles=32))
+        assert torch.equal(one.image, image)
+        assert all(torch.equal(a, b) for a, b in zip(one.points, two.points))
+
+
+def test_fast_is_the_default_and_costs_four_header_bytes(module, images, files):
+    portable = compress(module, images[:1], tile=16, mode="portable")[0]
+    assert parse(files[0]).header.mode == "fast"
+    assert len(parse(files[0]).header.to_bytes()) == len(parse(portable).header.to_bytes()) + 4
+
+
+def test_a_fast_file_from_other_float32_arithmetic_is_refused(module, files):
+    """A decoder whose first network outputs hash differently from the encoder's (another machine's
+    float32 kernels, simulated by another check value) refuses the file and its header alone."""
+    container = parse(files[0])
+    other = replace(container.header, check=bytes(b ^ 0xFF for b in container.header.check))
+    data = pack(other, container.layers)
+    for prefix in (data, truncate(data, layers=0)):
+        with pytest.raises(UQDMError, match="float32 network arithmetic differs"):
+            decompress(module, prefix)
 
 
 def test_every_layer_boundary_is_a_truncation_point(module, files):
@@ -222,11 +258,14 @@ def _with_crc(head: bytes) -> bytes:
         (b"UQDM\x01" + bytes(20), "version 1"),
         (b"UQDM\x02" + bytes(20), "version 2 .*compress the image again"),
         (b"UQDM\x03" + bytes(8) + b"\x40\x40", "ends inside the header"),
-        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00", "ends inside the header"),  # no CRC32
-        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00" + bytes(4), "header fails its CRC32"),
-        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x00\x40\x40\x04\x04\x00\x00"), "height = 0"),
-        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x00\x00\x00"), "layers = 0"),
-        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x04\x00\x20"), "lost = 32 has bits beyond"),
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00", "ends inside the header"),  # no mode
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00\x00", "ends inside the header"),  # no CRC32
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00\x01" + bytes(3), "ends inside the header"),  # check
+        (b"UQDM\x03" + bytes(8) + b"\x40\x40\x04\x02\x04\x00\x00\x00" + bytes(4), "header fails its CRC32"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x00\x40\x40\x04\x04\x00\x00\x00"), "height = 0"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x00\x00\x00\x00"), "layers = 0"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x04\x00\x20\x00"), "lost = 32 has bits beyond"),
+        (_with_crc(b"UQDM\x03" + bytes(8) + b"\x40\x40\x40\x04\x04\x00\x00\x07"), "network mode 7"),
         (b"UQDM\x03" + bytes(8) + b"\xff" * 12, "longer than 10 bytes"),
     ],
 )
@@ -370,6 +409,8 @@ def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     src = tmp_path / "a.png"
     save_png(images[0], src)
     main(["compress", "--ckpt", str(ckpt), str(src), "--out-dir", str(tmp_path / "c"), "--tile", "16"])
+    main(["compress", "--ckpt", str(ckpt), str(src), "-o", str(tmp_path / "p.uqdm"), "--tile", "16",
+          "--mode", "portable"])
     data = tmp_path / "c" / "a.uqdm"
     main(["truncate", str(data), "--steps", "2", "-o", str(tmp_path / "t.uqdm")])
     budget = 8 * len(truncate(data.read_bytes(), layers=5)) / (20 * 37)
@@ -388,6 +429,7 @@ def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["bytes"] == data.stat().st_size
     assert info["header"]["height"] == 20 and info["header"]["width"] == 37 and info["header"]["tile"] == 16
+    assert info["header"]["mode"] == "fast" and len(info["header"]["check"]) == 8
     L = DEFAULT_LAYERS
     assert [(c["step"], c["layer"]) for c in info["layers"]] == [(s, n) for s in (1, 2, 3) for n in range(1, L + 1)] + [(4, 1)]
     assert all(c["bytes"] > 0 and c["ideal_bits"] > 0 for c in info["layers"])
@@ -395,6 +437,10 @@ def test_cli_round_trip_and_info(ckpt, images, tmp_path, capsys):
     assert all(a["bpp"] < b["bpp"] for a, b in zip(info["layers"], info["layers"][1:]))
     main(["info", str(tmp_path / "t.uqdm")])
     assert [set(c) for c in json.loads(capsys.readouterr().out)["layers"]] == [{"step", "layer", "bytes", "bpp"}] * 2 * L
+    main(["decompress", "--ckpt", str(ckpt), str(tmp_path / "p.uqdm"), "-o", str(tmp_path / "p.png")])
+    assert torch.equal(load_image(tmp_path / "p.png"), images[0])
+    main(["info", str(tmp_path / "p.uqdm")])
+    assert json.loads(capsys.readouterr().out)["header"]["mode"] == "portable"
 
 
 def _exit_2(argv, cli_exit) -> str:

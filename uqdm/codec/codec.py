@@ -5,8 +5,11 @@ step `i` it gives the prior p(z_s | z_t) at the current latents, the shared dith
 image's entropy model (the same calls on both sides); the encoder then sends
 `k = round((μ_q − μ_p)/Δ + u)`, the decoder reads `k`, and both continue from
 `z_s = μ_p + (k − u)·Δ`. All tiles of all images in a call go through each step together. The
-network runs in float64 in sub-batches of `batch_tiles` tiles; last-bit differences between
-sub-batch sizes never reach the tables (see `tables`). Each step's symbols are coded in L quality
+network runs in one of two modes, recorded in the header: `portable`, float64 in sub-batches of
+`batch_tiles` tiles, whose last-bit differences between sub-batch sizes, thread counts and devices
+never reach the tables (see `tables`); or `fast`, float32 one tile per call on one thread per call
+(see `fast`), exact wherever the float32 kernels are the encoder's, which the header's check value
+verifies. Each step's symbols are coded in L quality
 layers (`layers`); a prefix that ends after some layers of a step decodes them and takes the prior's
 mean for the rest of the step (`_partial_latent`).
 """
@@ -16,7 +19,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +31,8 @@ from uqdm.schedules import alpha_sigma
 from uqdm.walk import Node, Walk, dequantize, quantization_index
 
 from . import coder, randomness, tables
-from .container import FINGERPRINT_BYTES, Header, pack, parse
+from .container import CHECK_BYTES, DEFAULT_MODE, FINGERPRINT_BYTES, MODES, Header, pack, parse
+from .fast import PerTile
 from .layers import fill_in, layer_models
 from .tiling import from_tiles, grid, to_tiles
 
@@ -105,11 +109,25 @@ def fingerprint(model: UQDM) -> bytes:
     return digest.digest()[:FINGERPRINT_BYTES]
 
 
-def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES) -> UQDM:
-    """A float64, eval-mode copy of the model whose network runs in sub-batches."""
+def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT_MODE) -> UQDM:
+    """A float64, eval-mode copy of the model whose network runs in sub-batches (portable) or
+    in float32 one tile per call, as many calls at once as torch has threads (fast)."""
+    if mode not in MODES:
+        raise UQDMError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     net = copy.deepcopy(as_uqdm(model)).double().eval()
-    net.network = SubBatched(net.network, batch_tiles)
+    if mode == "fast":
+        net.network = PerTile(net.network, torch.get_num_threads())
+    else:
+        net.network = SubBatched(net.network, batch_tiles)
     return net
+
+
+def _verify(net: UQDM, header: Header) -> None:
+    """In fast mode, refuse a file whose first network outputs hash differently here."""
+    if header.mode == "fast" and net.network.check_value(slice(None)) != header.check:
+        raise UQDMError("this file was compressed in fast mode on a machine whose float32 network arithmetic "
+                        "differs from this one's (its check value does not match); decode it on a machine "
+                        "like the encoder's, or compress with --mode portable")
 
 
 def _spans(headers: list[Header]) -> list[slice]:
@@ -201,23 +219,25 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: int = 0,
              tile: int = 64, batch_tiles: int = BATCH_TILES,
              on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
-             lost: Sequence[Sequence[str]] | None = None) -> list[bytes]:
+             lost: Sequence[Sequence[str]] | None = None, mode: str = DEFAULT_MODE) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
     lossless chunk. Each step's chunk is `layers` quality layers. `on_chunk(c)` is called once the
     first c chunks of every file are coded (c = 0: set-up done, nothing coded yet). `lost[n]` names
     what image n lacks of the file it was read from (`uqdm.images.load_image_and_losses`),
-    recorded in its header. Returns one file's bytes per image.
+    recorded in its header. `mode`: "fast" or "portable" (see the module docstring). Returns one
+    file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
-                                    layers, lost)]
+                                    layers, mode, lost)]
 
 
 @torch.inference_mode()
 def compress_progressive(model: UQDM, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
                          tile: int = 64, batch_tiles: int = BATCH_TILES,
-                         on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS) -> list[Encoded]:
+                         on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
+                         mode: str = DEFAULT_MODE) -> list[Encoded]:
     """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
     same walk what decoding each file shows at every truncation point for each of `methods`, and
     the ideal bits of each layer. `on_chunk` as in `compress`; the pictures and ideal bits are made
@@ -225,23 +245,24 @@ def compress_progressive(model: UQDM, images: list[Tensor], seeds: Sequence[int]
     """
     for method in methods:
         _check_method(method)
-    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers)
+    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers, mode)
 
 
 def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
-            on_chunk: Callable[[int], None] | None, layers: int,
+            on_chunk: Callable[[int], None] | None, layers: int, mode: str,
             lost: Sequence[Sequence[str]] | None = None) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     and ideal bits of `Encoded`."""
     fp = fingerprint(model)
-    net = codec_model(model, batch_tiles)
+    net = codec_model(model, batch_tiles, mode)
     channels = _check_images(images, net.network.n_channels)
     T = net.n_timesteps
     n_chunks = _n_chunks(steps, T)
+    check = bytes(CHECK_BYTES) if mode == "fast" else b""  # set from the first network call below
     try:
         lost = [()] * len(images) if lost is None else lost
-        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed, tuple(gone))
+        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed, tuple(gone), mode=mode, check=check)
                    for im, seed, gone in zip(images, seeds, lost, strict=True)]
     except ValueError as e:
         raise UQDMError(f"cannot compress: {e}") from None
@@ -271,6 +292,10 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
         for n, span in enumerate(spans):
             chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
         coded(T + 1)
+    if mode == "fast":
+        if net.network.first is None:  # no step coded: the decoder still calls the network at z₁
+            net.prior(_top(net, headers, channels), net.step(0))
+        headers = [replace(h, check=net.network.check_value(span)) for h, span in zip(headers, spans)]
     out = [Encoded(pack(h, c), {m: [] for m in methods or ()}, []) for h, c in zip(headers, chunks)]
     if methods is not None:  # what the decoder of each (lossless) file shows, and its ideal bits
         for n, (e, h, span, image) in enumerate(zip(out, headers, spans, images)):
@@ -319,7 +344,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     if header.fingerprint != fp:
         raise UQDMError(f"this file was made with a different model (fingerprint {header.fingerprint.hex()}, "
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
-    net = codec_model(model, batch_tiles)
+    net = codec_model(model, batch_tiles, header.mode)
     T = net.n_timesteps
     if header.n_timesteps != T:
         raise UQDMError(f"the file's header names T = {header.n_timesteps} steps but the model has {T}; "
@@ -342,6 +367,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     walk = Walk(net, _top(net, [header], channels), stop=steps_run)
     everything = slice(None)
     for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
+        if node.i == 0:
+            _verify(net, header)
         if every_point:
             shown(_show(net, header, method, node.i, node.z_t, node.prior))
         received = min(n_records - node.i * L, L)
@@ -357,6 +384,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     z = walk.z
     if n_records < header.n_records or every_point:
         shown(_show(net, header, method, steps_run, z, None))
+    if steps_run == 0:
+        _verify(net, header)
     if n_records == header.n_records:
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.layers[-1], header.describe(n_records)).view(z.shape)

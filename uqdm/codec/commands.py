@@ -22,7 +22,7 @@ from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.input_losses import describe
 from uqdm.options import BATCH_TILES, DEFAULT_LAYERS, RECONSTRUCTIONS, RELEASED_WEIGHTS
 
-from .container import parse, parse_header, truncate
+from .container import DEFAULT_MODE, MODES, parse, parse_header, truncate
 
 BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach this many tiles
 
@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shared randomness (stored in the file)")
     p.add_argument("--tile", type=int, default=64, help="tile size (default 64, the released models' size)")
     _batch_tiles(p)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="fast: float32 network, decodes on machines with the same float32 arithmetic (checked); "
+                        "portable: float64 network, decodes anywhere (default: %(default)s)")
     p.add_argument("--strict", action="store_true",
                    help="refuse an image that the file cannot hold exactly (transparency, more than 8 bits, "
                         "a colour profile, CMYK, several frames) instead of saying what it drops")
@@ -212,7 +215,7 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
         with _memory_hint(f"compressing {names}", args.batch_tiles):
             files = compress(model, [loaded.image for _, loaded in group], steps=args.steps, seed=args.seed,
                              tile=args.tile, batch_tiles=args.batch_tiles, layers=args.layers,
-                             lost=[loaded.lost for _, loaded in group])
+                             lost=[loaded.lost for _, loaded in group], mode=args.mode)
     except UQDMError as error:
         if len(group) == 1:
             return job.fail(error, args.images[group[0][0]])

@@ -17,7 +17,7 @@ from uqdm.errors import UQDMError
 from uqdm.input_losses import LOSSES, from_bits, to_bits
 
 MAGIC = b"UQDM"
-VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers, what the input lost
+VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers, what the input lost, network mode
 FINGERPRINT_BYTES = 8
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 10
@@ -31,6 +31,12 @@ LIMITS = {
     "seed": (0, (1 << 64) - 1),
 }
 MAX_PIXELS = 1 << 28  # height·width, and the padded tiles ⌈H/tile⌉·⌈W/tile⌉·tile²
+# How the network runs (docs/format.md): portable (float64, any device, batch and thread count) or
+# fast (float32, one tile per call, one thread per call; exact where the network's outputs at z₁
+# match the encoder's bit for bit, which the header's check value lets the decoder verify).
+MODES = ("portable", "fast")
+DEFAULT_MODE = "fast"  # what `compress` writes unless told otherwise
+CHECK_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,16 @@ class Header:
     layers: int
     seed: int
     lost: tuple[str, ...] = ()
+    mode: str = "portable"
+    check: bytes = b""  # fast mode: first CHECK_BYTES of SHA-256 of the network's outputs at z₁
 
     def __post_init__(self):
         if not set(self.lost) <= set(LOSSES):
             raise ValueError(f"unknown losses {sorted(set(self.lost) - set(LOSSES))}; known: {list(LOSSES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if len(self.check) != (CHECK_BYTES if self.mode == "fast" else 0):
+            raise ValueError(f"a {self.mode} header has a {CHECK_BYTES if self.mode == 'fast' else 0}-byte check value")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"the fingerprint must be {FINGERPRINT_BYTES} bytes")
         for name, (low, high) in LIMITS.items():
@@ -64,9 +76,11 @@ class Header:
                              f"{padded} pixels (more than {MAX_PIXELS})")
 
     def to_bytes(self) -> bytes:
-        """magic ‖ version ‖ fingerprint ‖ varint fields ‖ lost (varint bit mask) ‖ CRC32 of all of these."""
+        """magic ‖ version ‖ fingerprint ‖ varint fields ‖ lost (varint bit mask) ‖ mode ‖ check ‖ CRC32
+        of all of these."""
         fields = (self.height, self.width, self.tile, self.n_timesteps, self.layers, self.seed, to_bits(self.lost))
         head = MAGIC + bytes([VERSION]) + self.fingerprint + b"".join(map(varint, fields))
+        head += bytes([MODES.index(self.mode)]) + self.check
         return head + _crc(head)
 
     def as_dict(self) -> dict:
@@ -80,6 +94,8 @@ class Header:
             "layers": self.layers,
             "seed": self.seed,
             "lost": list(self.lost),
+            "mode": self.mode,
+            **({"check": self.check.hex()} if self.check else {}),
         }
 
     @property
@@ -176,14 +192,21 @@ def parse_header(data: bytes) -> tuple[Header, int]:
         if read is None:
             raise UQDMError("truncated .uqdm file: it ends inside the header")
         values[name], pos = read
+    if len(data) <= pos:
+        raise UQDMError("truncated .uqdm file: it ends inside the header")
+    mode, pos = data[pos], pos + 1
+    if mode == MODES.index("fast"):
+        values["check"], pos = data[pos : pos + CHECK_BYTES], pos + CHECK_BYTES
     if len(data) < pos + CRC_BYTES:
         raise UQDMError("truncated .uqdm file: it ends inside the header")
     if data[pos : pos + CRC_BYTES] != _crc(data[:pos]):
         raise UQDMError("corrupt .uqdm file: the header fails its CRC32 check")
     pos += CRC_BYTES
+    if mode >= len(MODES):
+        raise UQDMError(f"unsupported .uqdm network mode {mode} (this uqdm knows {', '.join(MODES)})")
     try:
         values["lost"] = from_bits(values["lost"])
-        return Header(fingerprint, **values), pos
+        return Header(fingerprint, **values, mode=MODES[mode]), pos
     except ValueError as e:
         raise UQDMError(f"corrupt .uqdm header: {e}") from None
 

@@ -39,7 +39,7 @@ from PIL import Image
 
 from uqdm.cli import main
 from uqdm.codec import compress, decompress, parse
-from uqdm.codec.container import MAGIC, VERSION, Header, pack, varint
+from uqdm.codec.container import MAGIC, MODES, VERSION, Header, pack, varint
 from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.module import UQDMModule
 from uqdm.weights import lightning_checkpoint, save_checkpoint
@@ -119,11 +119,13 @@ def _randbytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.getrandbits(8) for _ in range(n))
 
 
+
 def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, layers, seed, lost=0,
                version: int = VERSION) -> bytes:
-    """Header bytes with any field values (ints, or raw bytes for a field), bypassing `Header`'s checks."""
+    """Header bytes (portable mode, no CRC) with any field values (ints, or raw bytes for a field),
+    bypassing `Header`'s checks."""
     fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, layers, seed, lost)]
-    return MAGIC + bytes([version]) + fingerprint + b"".join(fields)
+    return MAGIC + bytes([version]) + fingerprint + b"".join(fields) + bytes([MODES.index("portable")])
 
 
 def truncation(rng, s):
