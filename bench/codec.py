@@ -3,7 +3,8 @@
 3. (`run`) Encode and decode milliseconds per 64×64 Kodak image at batch 1 and batch 32, the share
    of that time spent building probability tables and entropy coding, file bits over ideal bits,
    the same for one full 768×512 Kodak image with its peak memory, and a profile of one network
-   forward in float32 and in float64 (the codec's precision) with two layout/compiler variants.
+   forward in float32 (the fast mode's precision, also on one tile and one thread as the fast
+   mode calls it) and in float64 (the portable mode's) with two layout/compiler variants.
 4. (`run_scaling`) Codec time against image area (64×64 … 768×512) and against the number of steps
    T (1 … 16), each series with a linearity verdict, and peak memory against area.
 
@@ -16,7 +17,9 @@ the Python function that makes them), and the parts are read from the profile's 
                shuffling), less the tables it builds
   ideal_bits = `tables.ideal_step_bits` and `DiscreteDiffusion.log_likelihood` (the decoder's rate
                report of the step and lossless chunks)
-  network    = `ScoreNetwork.forward` (every float64 network call)
+  network    = `PerTile.forward` (the fast mode's network calls, whose tiles may run on other
+               threads, which the profiler does not see) or else `ScoreNetwork.forward` (the
+               portable mode's)
   other      = the rest (latent arithmetic, shared draws, fingerprint, model copy, packing)
 `coding_share` = (tables + coder) / codec wall time. The wall times are those of the profiled
 calls; the profiler adds a little to the Python-heavy parts (tables, coder).
@@ -69,6 +72,7 @@ from flops import forward_flops, matmul_peak_gflops, share_of_peak
 from timing import median_seconds
 from uqdm.codec import coder, compress, decompress, exact, parse, tables
 from uqdm.codec.codec import BATCH_TILES
+from uqdm.codec.fast import PerTile
 from uqdm.diffusion import DiscreteDiffusion
 from uqdm.hyperparameters import build_model, model_arguments
 from uqdm.images import box_resize, box_resize_center_crop, load_image
@@ -102,7 +106,7 @@ def _files(*modules) -> frozenset[str]:
 TABLE_FILES = _files(tables, exact)  # probability tables and the arithmetic they are built with
 CODER_FILES = _files(coder)  # the constriction calls and the symbol shuffling around them
 IDEAL_BITS = (_key(tables.ideal_step_bits), _key(DiscreteDiffusion.log_likelihood))  # the decoder's rate report
-NETWORK = _key(ScoreNetwork.forward)
+NETWORK = (_key(PerTile.forward), _key(ScoreNetwork.forward))  # the first one present
 
 
 class Timers:
@@ -142,7 +146,7 @@ class Timers:
             "tables": entered(TABLE_FILES, skip=IDEAL_BITS),
             "coder": entered(CODER_FILES) - from_coder,
             "ideal_bits": sum(stats[k][3] for k in IDEAL_BITS if k in stats),
-            "network": stats[NETWORK][3] if NETWORK in stats else 0.0,
+            "network": next((stats[k][3] for k in NETWORK if k in stats), 0.0),
         }
 
     def shares(self) -> dict:
@@ -305,7 +309,7 @@ def run(workdir: Path | None = None, batch_size: int = 32) -> dict:
         try:
             b32 = batch(module, images)
             full = worker(ckpt, [FULL_SIZE], threads)[0]
-            prof = profile_network(module, images[0], files[threads])
+            prof = profile_network(module, images[0])
         finally:
             torch.set_num_threads(default_threads)
     b1 = {**by_threads[threads],
@@ -377,11 +381,12 @@ def with_network(module, wrap) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def profile_network(module, image: torch.Tensor, reference_file: bytes,
-                    batch_tiles: int = BATCH_TILES) -> dict:
-    """One forward of the released network on `batch_tiles` 64×64 latents (the codec's sub-batch):
-    float32 against float64, where the time goes, and variants of the float64 forward that leave
-    the codec's bytes unchanged (checked by compressing `image` again)."""
+def profile_network(module, image: torch.Tensor, batch_tiles: int = BATCH_TILES) -> dict:
+    """One forward of the released network on `batch_tiles` 64×64 latents (the portable mode's
+    sub-batch): float32 against float64, where the time goes, float32 on one tile and one thread
+    (the fast mode's call), and variants of the float64 forward that leave the portable mode's
+    bytes unchanged (checked by compressing `image` again)."""
+    reference_file = compress(module, [image], mode="portable")[0]
     net32 = copy.deepcopy(module.network).eval()
     z = torch.randn(batch_tiles, 3, 64, 64)
     gamma = module.gamma_at(0.5).detach()
@@ -401,6 +406,16 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
     # the codec's sub-batch (tiles per network call) against one tile per call
     out["f64"]["batch1_ms_per_image"] = 1e3 * median_seconds(lambda: net64(x64[:1], g64), repeats=3)
     out["f64"]["batch1_over_batch4"] = out["f64"]["batch1_ms_per_image"] / out["f64"]["ms_per_image"]
+    # the fast mode's call: float32, one tile, one thread, against the one-thread float32 peak
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = median_seconds(lambda: net32(z[:1], gamma), repeats=3)
+        share = share_of_peak(lambda: net32(z[:1], gamma), flops // batch_tiles, torch.float32, rounds=3)
+    finally:
+        torch.set_num_threads(threads)
+    out["f32_one_tile_one_thread"] = {"ms_per_image": 1e3 * seconds, "gflops": flops / batch_tiles / seconds / 1e9,
+                                      "share_of_one_thread_peak": share}
     # variants, each timed against the plain float64 forward in the same stretch of time
     variants = {"channels_last": ChannelsLast}
     if os.environ.get("BENCH_COMPILE") == "1":
@@ -413,7 +428,8 @@ def profile_network(module, image: torch.Tensor, reference_file: bytes,
         t_variant = median_seconds(lambda: net(x64, g64), repeats=3)
         t_plain = median_seconds(lambda: net64(x64, g64), repeats=3)
         # the header's fingerprint names the network's class, so only the payloads can agree
-        same = parse(compress(with_network(module, wrap), [image])[0]).layers == parse(reference_file).layers
+        same = (parse(compress(with_network(module, wrap), [image], mode="portable")[0]).layers
+                == parse(reference_file).layers)
         out[f"f64_{name}"] = {"over_plain": t_variant / t_plain, "first_call_s": first_s, "same_bytes": same}
     return out
 

@@ -2,7 +2,7 @@
 
 Each figure is a median over repeats after a warm-up; each comparison is a ratio measured in the
 same run on the same machine. `python bench/run.py --only network` runs one section (repeatable:
-network, train, codec, scaling) and writes bench/results-network.json instead.
+network, train, codec, scaling, cli) and writes bench/results-network.json instead.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import cli_speed  # noqa: E402
 import codec  # noqa: E402
 import estimators  # noqa: E402
 import network  # noqa: E402
@@ -57,7 +58,7 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-SECTIONS = ("network", "train", "estimators", "codec", "scaling")
+SECTIONS = ("network", "train", "estimators", "codec", "scaling", "cli")
 
 
 def run_sections(sections) -> dict:
@@ -76,6 +77,8 @@ def run_sections(sections) -> dict:
             results["codec"]["scaling"] = scaling
         else:
             results["scaling"] = scaling
+    if "cli" in sections:  # the codec as a user runs it, against the paper's evaluation pass
+        results["codec_cli"] = cli_speed.run()
     return results
 
 

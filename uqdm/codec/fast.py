@@ -47,9 +47,12 @@ class PerTile(nn.Module):
         tiles, gamma = z.float().split(1), torch.as_tensor(gamma_t).float()
         threads = torch.get_num_threads()
         try:
-            torch.set_num_threads(1)
-            with ThreadPoolExecutor(min(self.workers, len(tiles))) as pool:
-                outs = list(pool.map(lambda tile: self._one(tile, gamma), tiles))
+            workers = min(self.workers, len(tiles))
+            if workers == 1:
+                outs = [self._one(tile, gamma) for tile in tiles]
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    outs = list(pool.map(lambda tile: self._one(tile, gamma), tiles))
         finally:
             torch.set_num_threads(threads)
         eps = torch.cat([o[0] for o in outs])
