@@ -79,10 +79,12 @@ def run(rounds: int = 2, workdir: Path | None = None) -> dict:
                 m.kind = "einsum"
         paper_pass(model, images[:1])  # warm-up
         times = {"paper_pass": [], **{mode: [] for mode in MODES}}
-        for _ in range(rounds):
+        for r in range(rounds):
             times["paper_pass"].append(paper_pass(model, images))
             for mode in MODES:
                 times[mode].append(cli_round_trip(ckpt, pngs, work, mode))
+            print(f"cli_speed round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()),
+                  file=sys.stderr, flush=True)
         exact = {mode: all(torch.equal(load_image(work / f"out-{mode}" / p.name), image)
                            for p, image in zip(pngs, images)) for mode in MODES}
     ratios = {mode: statistics.median(t / p for t, p in zip(times[mode], times["paper_pass"])) for mode in MODES}
