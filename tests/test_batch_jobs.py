@@ -98,12 +98,13 @@ def test_a_group_that_fails_is_coded_again_image_by_image(ckpt, tmp_path, monkey
 # --- out of memory ------------------------------------------------------------------------------
 def test_a_failed_cpu_allocation_suggests_a_smaller_batch_tiles(ckpt, tmp_path):
     """16 tiles of 64×64 in one network call of the tiny model need more than 64 MiB (one tile
-    needs less): under an address-space cap of 64 MiB more than now, the allocation really fails."""
+    needs less): under an address-space cap of 64 MiB more than now, the allocation really fails
+    (portable mode: the fast mode calls the network on one tile at a time)."""
     y, x = np.mgrid[0:256, 0:256]
     Image.fromarray(np.stack([x, y, x ^ y], axis=2).astype(np.uint8)).save(tmp_path / "big.png")
     with memory_cap(64 << 20):
         run = run_cli(["compress", "--ckpt", str(ckpt), str(tmp_path / "big.png"), "-o", str(tmp_path / "big.uqdm"),
-                       "--batch-tiles", "16"], time_limit=SLOW)
+                       "--batch-tiles", "16", "--mode", "portable"], time_limit=SLOW)
     assert one_line_error(run), (run.code, run.stderr, run.error)
     assert "out of memory compressing" in run.stderr[0] and "DefaultCPUAllocator" in run.stderr[0]
     assert run.stderr[0].endswith("with --batch-tiles 16") is False and "try a smaller --batch-tiles" in run.stderr[0]
@@ -113,13 +114,14 @@ def test_a_failed_cpu_allocation_suggests_a_smaller_batch_tiles(ckpt, tmp_path):
 @pytest.mark.parametrize("command", ["compress", "decompress"])
 def test_a_device_out_of_memory_error_suggests_a_smaller_batch_tiles(command, ckpt, tmp_path, monkeypatch):
     source = _rgb(tmp_path / "a.png", 0)
-    assert _compress(ckpt, source, "-o", tmp_path / "a.uqdm").code == 0
+    assert _compress(ckpt, source, "-o", tmp_path / "a.uqdm", "--mode", "portable").code == 0
 
     def no_memory(self, z, gamma_t):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
 
     monkeypatch.setattr(uqdm.codec.codec.SubBatched, "forward", no_memory)
-    args = [source, "-o", tmp_path / "b.uqdm"] if command == "compress" else [tmp_path / "a.uqdm", "-o", tmp_path / "a.png"]
+    args = ([source, "-o", tmp_path / "b.uqdm", "--mode", "portable"] if command == "compress"
+            else [tmp_path / "a.uqdm", "-o", tmp_path / "a.png"])
     run = (_compress if command == "compress" else _decompress)(ckpt, *args, "--batch-tiles", "2")
     assert one_line_error(run), (run.code, run.stderr, run.error)
     assert f"out of memory {command}ing" in run.stderr[0] and "with --batch-tiles 2 (CUDA out of memory" in run.stderr[0]

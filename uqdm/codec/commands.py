@@ -87,7 +87,8 @@ def register(subparsers) -> None:
 
 def _batch_tiles(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES, metavar="N",
-                        help=f"tiles per network call (default {BATCH_TILES}); fewer need less memory")
+                        help=f"portable mode: tiles per network call (default {BATCH_TILES}); fewer need less "
+                             "memory (the fast mode calls it on one tile at a time)")
 
 
 def _positive(**values: int) -> None:
