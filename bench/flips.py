@@ -40,11 +40,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec import RELEASED, kodak64  # noqa: E402  (bench/codec.py: the same images as make bench)
 
-from uqdm.codec import import_official, randomness, tables  # noqa: E402
+from uqdm.codec import randomness, tables  # noqa: E402
 from uqdm.codec.tiling import to_tiles  # noqa: E402
 from uqdm.diffusion import to_centered  # noqa: E402
 from uqdm.distributions import base_distribution, log_prob_uniform_convolved  # noqa: E402
-from uqdm.module import UQDMModule  # noqa: E402
+from uqdm.released import load_released  # noqa: E402
 from uqdm.schedules import alpha_sigma  # noqa: E402
 from uqdm.walk import quantization_index  # noqa: E402
 
@@ -81,10 +81,8 @@ class Outputs(nn.Module):
 
 
 def released_model():
-    ckpt = import_official(RELEASED)
-    module = UQDMModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
-    module.load_state_dict(ckpt["state_dict"])
-    return module.model.double().eval()
+    model, _, _ = load_released(RELEASED)
+    return model.double().eval()
 
 
 def with_network(model, outputs: Outputs):
