@@ -30,7 +30,9 @@ from uqdm.evaluation.fid import FeatureMoments, fid_protocol, frechet_distances
 from uqdm.evaluation.metrics import ProgressiveScores
 from uqdm.evaluation.perceptual import load_lpips
 from uqdm.evaluation.pipeline import code_each
+from uqdm.evaluation.quality import psnr_per_image
 from uqdm.evaluation.report import compressai_files, results_table
+from uqdm.evaluation.timed_codec import decode_each
 from uqdm.images import box_resize_center_crop
 from uqdm.module import UQDMModule
 from uqdm.options import DEFAULT_LAYERS
@@ -111,13 +113,21 @@ def test_progressive_chain_points_bits_and_exact_last_point(tiny_module):
 
 def test_evaluation_figures_are_the_decoders(tiny_module):
     """The evaluation's ideal bits are the file's per-chunk ideal bits and its denoise pictures are
-    what decoding the file shows."""
+    what decoding the file shows, at every step point and (the layer points) after every layer."""
     module = tiny_module(n_timesteps=2)
     image = random_images(1, 12, seed=3)[0]  # 12×12 in 8-pixel tiles: 4 tiles, padded
     data = codec.compress(module.model, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
     decoded = codec.decompress(module.model, data, all_points=True)
     scores = ProgressiveScores(4, ["denoise"])
-    code_each(module, [image], scores, seed=5, tile=8)
+    files, _, _, layer_psnr = code_each(module, [image], scores, seed=5, tile=8)
+    every_layer = codec.decompress(module, files[0], all_points=True).points
+    assert len(every_layer) == 2 * DEFAULT_LAYERS + 2
+    assert layer_psnr == [psnr_per_image(torch.stack(every_layer), image.expand(len(every_layer), -1, -1, -1)).tolist()]
+    # `--decode-times` decodes the file again and says so where it does not show the walk's pictures
+    times, warnings = decode_each(module, files, [image], layer_psnr)
+    assert len(times[0]) == 4 and warnings == []
+    assert decode_each(module, files, [image], [[p - 1 for p in layer_psnr[0]]])[1] == [
+        "the file of image 0 does not show the encoder's pictures"]
     result = scores.compute()
     ideal = np.cumsum([0.0, *decoded.ideal_bits]) / 144
     assert result["bpp"] == pytest.approx(ideal.tolist(), rel=1e-6)  # float32 means
@@ -306,7 +316,8 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
     out = tmp_path / "out"
     main(["evaluate", "--ckpt", str(ckpt), "--images", str(folder), "--methods", "denoise,ancestral",
-          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv"), "--lpips"])
+          "--codecs", "jpeg,webp", "--tile", "16", "--out", str(out), "--csv", str(tmp_path / "rows.csv"), "--lpips",
+          "--decode-times"])
     printed = capsys.readouterr().out
     assert "step_2" in printed and "BD-rate of UQDM" in printed and "rows.csv" in printed
 
@@ -324,7 +335,8 @@ def test_evaluate_end_to_end(tmp_path, module, ckpt, capsys):
     assert set(results["codecs"]) == {"jpeg", "webp"} and set(results["bd_rate"]) == {"jpeg", "webp"}
     assert {"quality", "bpp", "psnr"} <= set(results["codecs"]["jpeg"][0])
 
-    # every layer point, from the decoder's denoise pictures; the step points among them
+    # every layer point, from the encoder's walk (the decoding pass finds the same pictures); the step points
+    assert not [w for w in results["warnings"] if "does not" in w] and "uqdm_decoding" in results["time_s"]
     per_step, layers = DEFAULT_LAYERS, results["uqdm"]["layer_points"]
     assert [p["point"] for p in layers] == list(range(2 * per_step + 2))
     assert [(p["step"], p["layer"]) for p in layers] == [(0, 0), *((s, n) for s in (1, 2) for n in range(1, per_step + 1)), (3, 1)]
@@ -398,7 +410,7 @@ def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, caps
     np.save(tmp_path / "images.npy", array)
     out = tmp_path / "out"
     main(["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--size", "32",
-          "--methods", "flow_based", "--codecs", "none", "--tile", "32", "--out", str(out), "--no-decode",
+          "--methods", "flow_based,denoise", "--codecs", "none", "--tile", "32", "--out", str(out),
           "--lpips", "--lpips-weights", str(random_alexnet_weights)])
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -407,9 +419,23 @@ def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, caps
     # LPIPS per point and per image
     points = results["uqdm"]["points"]
     assert all(p["lpips"]["flow_based"] > 0 for p in points[:-1]) and points[-1]["lpips"]["flow_based"] is None
-    rows = [r for r in results["per_image"] if r["point"] == "step_1"]
+    rows = [r for r in results["per_image"] if r["point"] == "step_1" and r["method"] == "flow_based"]
     assert np.mean([r["lpips"] for r in rows]) == pytest.approx(points[1]["lpips"]["flow_based"], rel=1e-5)
-    assert all(p["decoding_time"] is None for p in points) and all(r["decoding_time"] is None for r in rows)
+    assert all(p["decoding_time"] is None for p in points)
+    assert all(r["decoding_time"] is None and r["encoding_time"] > 0 for r in results["per_image"])
+    # by default one walk per image: layer points from it, encoding times, no decoding pass nor times
+    layers = results["uqdm"]["layer_points"]
+    assert "uqdm_decoding" not in results["time_s"] and len(layers) == 2 * DEFAULT_LAYERS + 2
+    assert [layers[min(k * DEFAULT_LAYERS, 2 * DEFAULT_LAYERS + 1)]["bpp_file"] for k in range(4)] == pytest.approx(
+        [p["bpp_file"] for p in points])
+    assert all(p["psnr_denoise"] > 0 for p in layers[:-1]) and layers[-1]["psnr_denoise"] is None
+    curve = out / "compressai" / "uqdm-denoise.json"
+    timed = json.loads(curve.read_text())["results"]
+    assert "decoding_time" not in timed and len(timed["encoding_time"]) == len(compressai_plot_reads(curve)["xs"]) == 3
+    main(["plot", str(out / "results.json"), str(curve), "-o", str(tmp_path / "overlay.png"),
+          "--anchor", "UQDM (denoise) [out]"])
+    assert float(capsys.readouterr().out.split("UQDM (denoise) [uqdm-denoise]")[1].splitlines()[0].split()[-1]) == \
+        pytest.approx(0.0, abs=1e-9)
     assert "lpips/flow_based" in printed
 
     for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"]):

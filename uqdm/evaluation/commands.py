@@ -72,8 +72,9 @@ def register(subparsers) -> None:
                    help="tiles per network call of the codec (default: the codec's, as `uqdm decompress` uses)")
     p.add_argument("--tile", type=int, default=64, metavar="T", help="tile size of the codec (default 64)")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device of the network (default cpu)")
-    p.add_argument("--no-decode", dest="decode", action="store_false",
-                   help="do not decode the files again (no decoding times, no check that they decode)")
+    p.add_argument("--decode-times", action="store_true",
+                   help="also decode every file again, timed: decoding times, and a check that each file shows "
+                   "the encoder's pictures (by default each image is walked once, with no decoding times)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--csv", metavar="FILE", help="also write the per-image rows as one CSV table")
     p.set_defaults(run=run)
@@ -134,7 +135,8 @@ def run(args) -> None:
     try:
         results, files = evaluate(model, images, names=[name for name, _ in named], methods=args.methods,
                                   codecs=args.codecs, inception=inception, lpips=lpips, seed=args.seed,
-                                  tile=args.tile, batch_size=args.batch_size, size=args.size, decode=args.decode,
+                                  tile=args.tile, batch_size=args.batch_size, size=args.size,
+                                  decode_times=args.decode_times,
                                   progress=progress)
     finally:
         for bar in bars:

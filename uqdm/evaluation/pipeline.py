@@ -25,7 +25,7 @@ from .bdrate import bd_rate
 from .classical import CODECS, sweep
 from .metrics import ProgressiveScores
 from .progressive import point_names
-from .quality import bits_per_pixel, ssim_kind
+from .quality import bits_per_pixel, psnr_per_image, ssim_kind
 from .report import uqdm_points
 from .rows import codec_rows, uqdm_rows
 from .timed_codec import decode_each, encode_timed
@@ -35,13 +35,15 @@ Progress = Callable[[int], None]
 
 def code_each(module: nn.Module, images: Sequence[Tensor], scores: ProgressiveScores, *, seed: int = 0,
               tile: int = 64, batch_tiles: int = BATCH_TILES, progress: Progress | None = None
-              ) -> tuple[list[bytes], list[list[float]], list[list[float]]]:
+              ) -> tuple[list[bytes], list[list[float]], list[list[float]], list[list[float]] | None]:
     """Each image's lossless `.uqdm` file (seed `seed + n` for image n), with its ideal bits and its
     decoder's pictures at every step's truncation point for every method of `scores` fed to
     `scores`; returns the files and, per image and truncation point, the real cumulative bits per
     pixel (the file's bytes up to the end of that point's chunk, all its layers, header included)
-    and the encoding time (`timed_codec.encode_timed`)."""
-    files, file_bpp, times = [], [], []
+    and the encoding time (`timed_codec.encode_timed`); and per image the PSNR (dB, inf where
+    exact) of its decoder's denoise picture after every layer (None when `scores` has no denoise):
+    all from the one walk of the encoder."""
+    files, file_bpp, times, layer_psnr = [], [], [], []
     for n, image in enumerate(images):
         encoded, seconds = encode_timed(module, image, seed=seed + n, tile=tile, methods=scores.methods,
                                         batch_tiles=batch_tiles)
@@ -50,11 +52,14 @@ def code_each(module: nn.Module, images: Sequence[Tensor], scores: ProgressiveSc
         bits = torch.tensor(np.cumsum([0.0, *encoded.ideal_bits]))[at]
         scores.update(image[None], bits[None], {m: [encoded.points[m][p][None] for p in at] for m in scores.methods})
         file_bpp.append([bits_per_pixel(8 * container.ends[p], image) for p in at])
+        if "denoise" in scores.methods:
+            pictures = torch.stack(encoded.points["denoise"])
+            layer_psnr.append(psnr_per_image(pictures, image.expand_as(pictures)).tolist())
         files.append(encoded.data)
         times.append(seconds)
         if progress is not None:
             progress(1)
-    return files, file_bpp, times
+    return files, file_bpp, times, layer_psnr if "denoise" in scores.methods else None
 
 
 def bd_rates(points: list[dict], codecs: dict[str, list[dict]]) -> dict[str, float | None]:
@@ -113,7 +118,7 @@ def evaluate(
     tile: int = 64,
     batch_size: int | None = None,
     size: int | None = None,
-    decode: bool = True,
+    decode_times: bool = False,
     progress: Callable[[str, int, str], Progress] | None = None,
 ) -> tuple[dict, list[bytes]]:
     """Everything `results.json` holds, and the `.uqdm` files.
@@ -127,11 +132,13 @@ def evaluate(
     "per_image": [row, ...], "warnings": [...], "time_s": {...}}`. Means are over images; bpp are
     cumulative bits per pixel; PSNR is None where every image is exact; `nelbo_bpp` is the NELBO
     on the transmitted latents, i.e. the ideal lossless bpp; times are seconds per image (UQDM's
-    decoding time: the denoise decoder's, None without `decode`); `per_image` holds one row per
+    decoding time: the denoise decoder's, None without `decode_times`); `per_image` holds one row per
     image, curve and point (`rows`), images named by `names` (default: their index).
     `lpips` (`perceptual.load_lpips`) and `inception` (`fid.load_inception`) add LPIPS and FID.
-    `decode` decodes every file again, timed, and warns about any that is not its image; its denoise
-    pictures after every layer give `layer_points` and `bd_rate_layers` (None and {} without it).
+    `layer_points` and `bd_rate_layers` come from the encoder's walk: its denoise pictures after
+    every layer (None and {} without the denoise method). By default each image is walked once;
+    `decode_times` decodes every file again, timed, and warns about any that does not show the
+    walk's pictures or give back its image.
     `batch_size` is the codec's tiles per network call (default `codec.BATCH_TILES`).
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
@@ -143,22 +150,22 @@ def evaluate(
                                per_image=True).to(device)
     times = {}
     start = time.perf_counter()
-    files, file_bpp, encoding_time = code_each(
+    files, file_bpp, encoding_time, layer_psnr = code_each(
         module, images, scores, seed=seed, tile=tile, batch_tiles=batch_size or BATCH_TILES,
         progress=progress("UQDM files", len(images), "image") if progress else None)
     s = scores.compute()
     times["uqdm_files"] = time.perf_counter() - start
-    warnings, decoding_time, layers = [], None, None
-    if decode:
+    warnings, decoding_time = [], None
+    if decode_times:
         start = time.perf_counter()
-        decoding_time, layer_psnr, warnings = decode_each(
-            module, files, images, progress("UQDM decoding", len(images), "image") if progress else None)
+        decoding_time, warnings = decode_each(
+            module, files, images, layer_psnr, progress("UQDM decoding", len(images), "image") if progress else None)
         times["uqdm_decoding"] = time.perf_counter() - start
-        layers = layer_points(files, images, layer_psnr)
+    layers = layer_points(files, images, layer_psnr) if layer_psnr is not None else None
     mean = lambda per_image, j: float(np.mean([values[j] for values in per_image]))
     points = uqdm_points(points_named, s, bpp_file=[mean(file_bpp, j) for j in range(len(points_named))],
                          encoding_time=[mean(encoding_time, j) for j in range(len(points_named))],
-                         decoding_time=[mean(decoding_time, j) for j in range(len(points_named))] if decode else None)
+                         decoding_time=[mean(decoding_time, j) for j in range(len(points_named))] if decode_times else None)
     rows = uqdm_rows(names, points_named, scores.per_image, file_bpp, encoding_time, decoding_time, kind)
     classical, classical_per_image, unavailable = run_classical(images, codecs, kind, times, progress)
     warnings += unavailable
