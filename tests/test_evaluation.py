@@ -114,19 +114,19 @@ def test_progressive_chain_points_bits_and_exact_last_point(tiny_module):
 def test_evaluation_figures_are_the_decoders(tiny_module):
     """The evaluation's ideal bits are the file's per-chunk ideal bits and its denoise pictures are
     what decoding the file shows, at every step point and (the layer points) after every layer."""
-    module = tiny_module(n_timesteps=2)
+    model = tiny_module(n_timesteps=2).model
     image = random_images(1, 12, seed=3)[0]  # 12×12 in 8-pixel tiles: 4 tiles, padded
-    data = codec.compress(module.model, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
-    decoded = codec.decompress(module.model, data, all_points=True)
+    data = codec.compress(model, [image], seed=5, tile=8, layers=1)[0]  # the chain has step points only
+    decoded = codec.decompress(model, data, all_points=True)
     scores = ProgressiveScores(4, ["denoise"])
-    files, _, _, layer_psnr = code_each(module, [image], scores, seed=5, tile=8)
-    every_layer = codec.decompress(module, files[0], all_points=True).points
+    files, _, _, layer_psnr = code_each(model, [image], scores, seed=5, tile=8)
+    every_layer = codec.decompress(model, files[0], all_points=True).points
     assert len(every_layer) == 2 * DEFAULT_LAYERS + 2
     assert layer_psnr == [psnr_per_image(torch.stack(every_layer), image.expand(len(every_layer), -1, -1, -1)).tolist()]
     # `--decode-times` decodes the file again and says so where it does not show the walk's pictures
-    times, warnings = decode_each(module, files, [image], layer_psnr)
+    times, warnings = decode_each(model, files, [image], layer_psnr)
     assert len(times[0]) == 4 and warnings == []
-    assert decode_each(module, files, [image], [[p - 1 for p in layer_psnr[0]]])[1] == [
+    assert decode_each(model, files, [image], [[p - 1 for p in layer_psnr[0]]])[1] == [
         "the file of image 0 does not show the encoder's pictures"]
     result = scores.compute()
     ideal = np.cumsum([0.0, *decoded.ideal_bits]) / 144
