@@ -122,6 +122,12 @@ def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT
     return net
 
 
+def _count_tiles(net: UQDM, on_tiles: Callable[[int], None] | None) -> None:
+    """Call `on_tiles(n)` after every call of the score network on n tiles (progress display)."""
+    if on_tiles is not None:
+        net.network.network.register_forward_hook(lambda module, args, out: on_tiles(len(args[0])))
+
+
 def _verify(net: UQDM, header: Header) -> None:
     """In fast mode, refuse a file whose first network outputs hash differently here."""
     if header.mode == "fast" and net.network.check_value(slice(None)) != header.check:
@@ -219,18 +225,20 @@ def _n_chunks(steps: int | None, n_timesteps: int) -> int:
 def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: int = 0,
              tile: int = 64, batch_tiles: int = BATCH_TILES,
              on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
-             lost: Sequence[Sequence[str]] | None = None, mode: str = DEFAULT_MODE) -> list[bytes]:
+             lost: Sequence[Sequence[str]] | None = None, mode: str = DEFAULT_MODE,
+             on_tiles: Callable[[int], None] | None = None) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
     lossless chunk. Each step's chunk is `layers` quality layers. `on_chunk(c)` is called once the
-    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet). `lost[n]` names
+    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet); `on_tiles(n)`
+    after every network call on n tiles (of all images together). `lost[n]` names
     what image n lacks of the file it was read from (`uqdm.images.load_image_and_losses`),
     recorded in its header. `mode`: "fast" or "portable" (see the module docstring). Returns one
     file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
-                                    layers, mode, lost)]
+                                    layers, mode, lost, on_tiles)]
 
 
 @torch.inference_mode()
@@ -251,11 +259,13 @@ def compress_progressive(model: UQDM, images: list[Tensor], seeds: Sequence[int]
 def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
             on_chunk: Callable[[int], None] | None, layers: int, mode: str,
-            lost: Sequence[Sequence[str]] | None = None) -> list[Encoded]:
+            lost: Sequence[Sequence[str]] | None = None,
+            on_tiles: Callable[[int], None] | None = None) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     and ideal bits of `Encoded`."""
     fp = fingerprint(model)
     net = codec_model(model, batch_tiles, mode)
+    _count_tiles(net, on_tiles)
     channels = _check_images(images, net.network.n_channels)
     T = net.n_timesteps
     n_chunks = _n_chunks(steps, T)
@@ -323,7 +333,9 @@ def _check_method(method: str) -> None:
 @torch.inference_mode()
 def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str = "denoise",
                all_points: bool = False, batch_tiles: int = BATCH_TILES,
-               on_point: Callable[[int, Tensor], None] | None = None) -> Decoded:
+               on_point: Callable[[int, Tensor], None] | None = None,
+               on_chunk: Callable[[int], None] | None = None,
+               on_tiles: Callable[[int], None] | None = None) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
@@ -332,7 +344,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     ("denoise", "ancestral" or "flow_based"); `all_points` also returns the picture at every point
     (after every layer) up to there. `on_point(p, picture)` is called as soon as the picture of
     each point p (p layers) up to there is shown (progressive display; every point's picture is
-    made, as with `all_points`).
+    made, as with `all_points`). `on_chunk(c)` and `on_tiles(n)` report progress as in `compress`
+    (c chunks decoded; n tiles through the network).
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -345,6 +358,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
         raise UQDMError(f"this file was made with a different model (fingerprint {header.fingerprint.hex()}, "
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
     net = codec_model(model, batch_tiles, header.mode)
+    _count_tiles(net, on_tiles)
     T = net.n_timesteps
     if header.n_timesteps != T:
         raise UQDMError(f"the file's header names T = {header.n_timesteps} steps but the model has {T}; "
@@ -363,6 +377,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
             on_point(len(pictures) - 1, image)
 
     every_point = all_points or on_point is not None
+    decoded = on_chunk or (lambda c: None)
+    decoded(0)
     steps_run = min(-(-n_records // L), T)  # whole steps, and a partly received one
     walk = Walk(net, _top(net, [header], channels), stop=steps_run)
     everything = slice(None)
@@ -381,6 +397,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
             if every_point and l < (received if received < L else L):
                 shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, k), None))
         node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
+        decoded(node.i + 1)
     z = walk.z
     if n_records < header.n_records or every_point:
         shown(_show(net, header, method, steps_run, z, None))
@@ -390,6 +407,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.layers[-1], header.describe(n_records)).view(z.shape)
         ideal.append(_lossless_ideal_bits(net, x_raw, z))
+        decoded(T + 1)
         shown(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
     return Decoded(header, pictures[-1], pictures if all_points else None, ideal)
 

@@ -3,7 +3,9 @@
 Argument parsing and file handling only; `uqdm.cli` turns a `UQDMError` into one line on stderr
 and exit code 2. `compress` and `decompress` of several inputs report a bad one in one line and go
 on with the others (`uqdm.batch_job`); they read one input at a time, so memory does not grow with
-their number. Running out of memory is one line that suggests a smaller ``--batch-tiles``. Each
+their number, and `decompress` of several files decodes as many at once as torch has threads, each
+on one thread (what a file decodes to does not depend on threads). Both draw a progress bar when
+stderr is a terminal (`uqdm.progress`). Running out of memory is one line that suggests a smaller ``--batch-tiles``. Each
 command imports what it needs when it runs: `truncate` and `info` (without `--ckpt`) read the
 container format with the standard library alone, `compress` and `decompress` import torch but not
 Lightning.
@@ -12,15 +14,14 @@ Lightning.
 import argparse
 import contextlib
 import json
-import sys
 import warnings
 from pathlib import Path
 
 from uqdm.atomic import write_atomic
-from uqdm.batch_job import BatchJob
+from uqdm.batch_job import BatchJob, warn
 from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.input_losses import describe
-from uqdm.options import BATCH_TILES, DEFAULT_LAYERS, RECONSTRUCTIONS, RELEASED_WEIGHTS
+from uqdm.options import BATCH_TILES, DEFAULT_LAYERS, DEVICES, RECONSTRUCTIONS, RELEASED_WEIGHTS
 
 from .container import DEFAULT_MODE, MODES, parse, parse_header, truncate
 
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse an image that the file cannot hold exactly (transparency, more than 8 bits, "
                         "a colour profile, CMYK, several frames) instead of saying what it drops")
+    _runtime(p)
     p.set_defaults(run=run_compress)
 
     p = subparsers.add_parser("decompress")
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
                    help="also write every truncation point's picture as DIR/<file stem>_<layers>.png "
                    "(after that many layers)")
     _batch_tiles(p)
+    _runtime(p)
     p.set_defaults(run=run_decompress)
 
     p = subparsers.add_parser("truncate")
@@ -89,6 +92,29 @@ def _batch_tiles(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES, metavar="N",
                         help=f"portable mode: tiles per network call (default {BATCH_TILES}); fewer need less "
                              "memory (the fast mode calls it on one tile at a time)")
+
+
+def _runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the model runs (auto: cuda when available, else cpu; default %(default)s); "
+                             "the shared randomness, tables and range coder stay on the CPU")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar (drawn on stderr only when it is a terminal)")
+
+
+def _model(args):
+    """The checkpoint's model on `--device`."""
+    import torch
+
+    from uqdm.weights import load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UQDMError("--device cuda: this machine has no CUDA device that torch can use; "
+                        "use --device cpu (or auto)")
+    return load_model(args.ckpt).to(device)
 
 
 def _positive(**values: int) -> None:
@@ -136,10 +162,6 @@ def _read(path) -> bytes:
         raise UQDMError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _warn(message: str) -> None:
-    print(f"uqdm: warning: {message}", file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def _warnings_to_stderr(prefix: str = ""):
     """Show warnings as `uqdm: warning: <prefix><message>` lines."""
@@ -147,7 +169,7 @@ def _warnings_to_stderr(prefix: str = ""):
         warnings.simplefilter("always")
         yield
     for message in dict.fromkeys(str(w.message) for w in caught):
-        _warn(f"{prefix}{message}")
+        warn(f"{prefix}{message}")
 
 
 def run_import_official(args) -> None:
@@ -172,26 +194,28 @@ def run_compress(args) -> None:
     _positive(tile=args.tile, batch_tiles=args.batch_tiles)
     if args.bpp is not None:
         _budget_bytes(args.bpp, 1, 1)  # refuse a bad budget before any work
-    from uqdm.weights import load_model
+    from uqdm.progress import Progress
 
     outputs = _destinations(args.images, args, ".uqdm")
-    model = load_model(args.ckpt)
+    model = _model(args)
     job = BatchJob(len(args.images), "compressed")
-    group, tiles = [], 0
-    for i, path in enumerate(args.images):
-        loaded = None
-        with job.item(path):
-            loaded = _input_image(path, args.strict)
-        if loaded is None:
-            continue
-        n = -(-loaded.image.shape[1] // args.tile) * -(-loaded.image.shape[2] // args.tile)
-        if group and tiles + n > BATCH_TILES_PER_CALL:
-            _compress_group(model, group, args, outputs, job)
-            group, tiles = [], 0
-        group.append((i, loaded))
-        tiles += n
-    if group:
-        _compress_group(model, group, args, outputs, job)
+    chunks = model.n_timesteps + 1 if args.steps is None else args.steps
+    with Progress(len(args.images) * chunks, "compress", args.quiet) as bar:
+        group, tiles = [], 0
+        for i, path in enumerate(args.images):
+            loaded = None
+            with job.item(path):
+                loaded = _input_image(path, args.strict)
+            if loaded is None:
+                continue
+            n = _tiles(*loaded.image.shape[1:], args.tile)
+            if group and tiles + n > BATCH_TILES_PER_CALL:
+                _compress_group(model, group, args, outputs, job, bar, chunks)
+                group, tiles = [], 0
+            group.append((i, loaded))
+            tiles += n
+        if group:
+            _compress_group(model, group, args, outputs, job, bar, chunks)
     job.finish()
 
 
@@ -204,24 +228,32 @@ def _input_image(path: str, strict: bool):
         what = f"{path}: a .uqdm file holds 8-bit RGB: {describe(loaded.lost)}"
         if strict:
             raise UQDMError(f"{what} (refused: --strict)")
-        _warn(what)
+        warn(what)
     return loaded
 
 
-def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob) -> None:
+def _tiles(height: int, width: int, tile: int) -> int:
+    """Tiles of an H×W image: ⌈H/tile⌉·⌈W/tile⌉."""
+    return -(-height // tile) * -(-width // tile)
+
+
+def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob, bar, chunks: int) -> None:
+    """Code the images of `group` together, `chunks` chunks each, reporting to `bar`."""
     from .codec import compress
 
     names = ", ".join(args.images[i] for i, _ in group)
     try:
-        with _memory_hint(f"compressing {names}", args.batch_tiles):
+        tiles = sum(_tiles(*loaded.image.shape[1:], args.tile) for _, loaded in group)
+        with bar.task(len(group), chunks, tiles) as (on_chunk, on_tiles), _memory_hint(f"compressing {names}", args.batch_tiles):
             files = compress(model, [loaded.image for _, loaded in group], steps=args.steps, seed=args.seed,
                              tile=args.tile, batch_tiles=args.batch_tiles, layers=args.layers,
-                             lost=[loaded.lost for _, loaded in group], mode=args.mode)
+                             lost=[loaded.lost for _, loaded in group], mode=args.mode,
+                             on_chunk=on_chunk, on_tiles=on_tiles)
     except UQDMError as error:
         if len(group) == 1:
             return job.fail(error, args.images[group[0][0]])
         for item in group:
-            _compress_group(model, [item], args, outputs, job)
+            _compress_group(model, [item], args, outputs, job, bar, chunks)
         return
     for (i, loaded), data in zip(group, files):
         with job.item(args.images[i]):
@@ -233,27 +265,54 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
 
 
 def run_decompress(args) -> None:
+    """Several files are decoded at once, as many as torch has threads, each on one thread (a
+    64×64 file is one tile: the fast mode's threads per tile would leave the other cores idle)."""
+    import torch
+
     from uqdm.images import save_png
-    from uqdm.weights import load_model
+    from uqdm.progress import Progress
 
     from .codec import decompress
 
     _positive(batch_tiles=args.batch_tiles)
     outputs = _destinations(args.files, args, ".png")
-    model = load_model(args.ckpt)
+    model = _model(args)
     job = BatchJob(len(args.files), "decompressed")
-    for path, output in zip(args.files, outputs):
-        with job.item(path):
-            data = _read(path)
-            with _warnings_to_stderr(f"{path}: " if job.total > 1 else ""), \
-                    _memory_hint(f"decompressing {path}", args.batch_tiles):
-                decoded = decompress(model, data, steps=args.steps, method=args.method,
-                                     all_points=args.all_steps is not None, batch_tiles=args.batch_tiles)
-            save_png(decoded.image, output)
-            if args.all_steps is not None:
-                for p, picture in enumerate(decoded.points):
-                    save_png(picture, args.all_steps / f"{Path(path).stem}_{p}.png")
+    chunks = model.n_timesteps + 1 if args.steps is None else args.steps
+    threads = torch.get_num_threads()
+    workers = min(threads, len(args.files))
+
+    def decode(n: int) -> None:
+        path = args.files[n]
+        data = _read(path)
+        header, _ = parse_header(data)
+        tiles = _tiles(header.height, header.width, header.tile)
+        with _torch_threads(1 if workers > 1 else threads, threads), bar.task(1, chunks, tiles) as progress, \
+                _memory_hint(f"decompressing {path}", args.batch_tiles):
+            decoded = decompress(model, data, steps=args.steps, method=args.method,
+                                 all_points=args.all_steps is not None, batch_tiles=args.batch_tiles,
+                                 on_chunk=progress[0], on_tiles=progress[1])
+        save_png(decoded.image, outputs[n])
+        if args.all_steps is not None:
+            for p, picture in enumerate(decoded.points):
+                save_png(picture, args.all_steps / f"{Path(path).stem}_{p}.png")
+
+    with Progress(len(args.files) * chunks, "decompress", args.quiet) as bar:
+        job.run(args.files, decode, workers)
     job.finish()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int, after: int):
+    """torch's threads on this thread: `n` in the block, `after` from then on."""
+    import torch
+
+    torch.get_num_threads()  # sizes a new thread's pool now, before it is set
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(after)
 
 
 def run_truncate(args) -> None:
