@@ -67,13 +67,13 @@ def batches(datamodule: SampleImages, seed: int = 0):
 class Trainee:
     """A module with its optimiser, warm-up, EMA and data: `step()` is one training step."""
 
-    def __init__(self, n_timesteps: int, estimator: str, datamodule: SampleImages, clip: float = 1.0):
+    def __init__(self, n_timesteps: int, estimator: str, datamodule: SampleImages):
         self.module = build(n_timesteps, estimator)
         self.module.train()
         config = self.module.configure_optimizers()
         self.optimizer, self.ramp = config["optimizer"], config["lr_scheduler"]["scheduler"]
         self.ema = AveragedModel(self.module, multi_avg_fn=ema_update(), use_buffers=True)
-        self.batches, self.clip, self.steps, self.seconds = batches(datamodule), clip, 0, 0.0
+        self.batches, self.steps, self.seconds = batches(datamodule), 0, 0.0
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.module.bits_per_dim(batch, self.module.hparams.estimator)["bpd"]
@@ -82,7 +82,7 @@ class Trainee:
         batch = next(self.batches) if batch is None else batch
         self.optimizer.zero_grad()
         self.loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.module.hparams.gradient_clip_val)
         self.optimizer.step()
         self.ramp.step()
         self.ema.update_parameters(self.module)

@@ -47,8 +47,9 @@ def lightning_images_per_second(steps: int, skip: int, workdir: Path) -> tuple[f
     return timer.images / timer.seconds, initial, cli.datamodule
 
 
-def plain_images_per_second(module: UQDMModule, datamodule, steps: int, skip: int, clip: float = 1.0) -> float:
+def plain_images_per_second(module: UQDMModule, datamodule, steps: int, skip: int) -> float:
     module.train()
+    clip = module.hparams.gradient_clip_val
     optimizer = module.configure_optimizers()["optimizer"]
     ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
     loader = iter(datamodule.train_dataloader())

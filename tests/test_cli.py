@@ -87,6 +87,22 @@ def test_bad_config_value_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "n_timesteps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,says", [
+    ("--trainer.gradient_clip_val=0.5", "use --model.gradient_clip_val=0.5 "),
+    ("--trainer.gradient_clip_algorithm=value", "use --model.gradient_clip_algorithm=value "),
+    ("--trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not supported"),
+])
+def test_trainer_options_the_module_took_over_are_one_line_errors(tmp_path, capsys, monkeypatch, option, says):
+    """The module steps the optimiser itself (to skip non-finite steps): clipping is a model option."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", DEFAULT, *TINY, option])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("uqdm: error: ") and err.count("\n") == 1, err
+    assert says in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_help_lists_every_command_in_one_line_each_without_importing_them(tmp_path):
     probe = ("import sys; from uqdm.cli import main; main(['--help']); "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'lightning', 'wandb'}))")

@@ -134,3 +134,32 @@ def test_init_from_starts_a_fit_from_a_checkpoints_weights_with_a_fresh_optimise
     with pytest.raises(UQDMError, match="does not fit this model"):
         L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=tmp_path).fit(wrong, DataLoader(images(2), batch_size=2))
+
+
+@pytest.mark.parametrize("algorithm,clip", [("norm", 1e-3), ("value", 1e-4), ("norm", None)])
+def test_the_module_clips_the_gradients_it_steps_with(tmp_path, tiny_hparams, algorithm, clip):
+    seen = {}
+
+    class Recorded(UQDMModule):  # the gradients as Adam receives them: after the module's hook
+        def on_before_optimizer_step(self, optimizer):
+            seen["raw"] = torch.cat([p.grad.flatten() for p in self.parameters() if p.grad is not None])
+            super().on_before_optimizer_step(optimizer)
+            seen["stepped"] = torch.cat([p.grad.flatten() for p in self.parameters() if p.grad is not None])
+
+    torch.manual_seed(0)
+    module = Recorded(**tiny_hparams, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(images(2), batch_size=2))
+    raw, stepped = seen["raw"], seen["stepped"]
+    assert trainer.global_step == 1 and raw.norm() > 1e-2 and raw.abs().max() > 1e-3
+    if clip is None:
+        assert torch.equal(stepped, raw)
+    elif algorithm == "norm":
+        assert float(stepped.norm()) == pytest.approx(clip, rel=1e-4)
+        assert torch.allclose(stepped, raw * (clip / raw.norm()), rtol=1e-4, atol=0)
+    else:
+        assert torch.equal(stepped, raw.clamp(-clip, clip))
+    with pytest.raises(ValueError, match="norm"):
+        UQDMModule(**tiny_hparams, gradient_clip_algorithm="max")
+

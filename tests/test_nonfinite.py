@@ -12,7 +12,7 @@ from uqdm.errors import UQDMError
 from uqdm.module import UQDMModule
 from uqdm.weights import safe_load
 
-OPTIMISATION = dict(lr=1e-3, warmup=0)
+OPTIMISATION = dict(lr=1e-3, warmup=0, gradient_clip_val=1.0)
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -83,8 +83,7 @@ def _fit(module, tmp_path, max_steps, checkpoint_dir=None):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False,
         enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        gradient_clip_val=1.0, default_root_dir=tmp_path,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
     )
     data = SampleImages(crop_size=8, batch_size=2, train_samples=16, val_samples=2)
     return trainer, snapshots, data

@@ -86,6 +86,9 @@ def lightning_main(argv: list[str] | None) -> None:
                 continue_logger_runs(self.config.fit.get("trainer") or {}, self.resumed_checkpoint)
             self.resumed_checkpoint = None  # the Trainer loads it again; don't hold two copies
 
+        def before_fit(self) -> None:
+            UQDMModule.check_trainer(self.trainer)  # before Lightning refuses them with a traceback
+
         def instantiate_trainer(self, **kwargs):
             plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

@@ -1,5 +1,7 @@
 """The LightningModule: builds the model from flat hyperparameters (`build_model`), logs the
-NELBO's terms in bits per dimension, and sets up Adam with a linear warm-up."""
+NELBO's terms in bits per dimension, and trains it with Adam, a linear warm-up and gradient
+clipping, stepping the optimiser itself (Lightning's manual optimisation) so that a non-finite step
+can be skipped."""
 
 import math
 import os
@@ -15,6 +17,8 @@ from .hyperparameters import build_model
 from .rng import seeded
 from .weights import safe_load
 
+CLIP_ALGORITHMS = ("norm", "value")
+
 
 class UQDMModule(L.LightningModule):
     """A UQDM (or its Gaussian twin) trained on its NELBO, the expected size of its bitstream.
@@ -22,8 +26,9 @@ class UQDMModule(L.LightningModule):
     Model: the arguments of `uqdm.hyperparameters.build_model` (`n_timesteps`, `diffusion`, the
     prior, the schedule) and the fields of `uqdm.network.NetworkConfig`, all flat
     (``--model.embedding_dim=64``). Optimiser: Adam(`lr`, (`beta1`, `beta2`), `eps`,
-    `weight_decay`), learning rate ramped linearly from 0 over `warmup` steps. Gradient clipping and
-    precision are Trainer options.
+    `weight_decay`), learning rate ramped linearly from 0 over `warmup` steps, gradients clipped to
+    `gradient_clip_val` by `gradient_clip_algorithm` ("norm": their global 2-norm, "value": each
+    element; None or 0: no clipping). Precision is a Trainer option.
 
     `estimator`: how a training step estimates the NELBO (`uqdm.estimators`): "chain" walks all T
     steps (the paper's, T network calls per image), "one_step" samples one step per image (one
@@ -32,9 +37,12 @@ class UQDMModule(L.LightningModule):
     `uqdm import-official`'s) whose weights and schedule a new fit starts from, read weights-only,
     with a fresh optimiser and step count (ignored when resuming with ``--ckpt_path``).
 
-    A training step whose loss or gradient is not finite is skipped: the optimiser does not step,
-    so neither the weights, Adam's state nor the EMA change, and `global_step` does not advance
-    (the learning-rate warm-up, which Lightning steps once per batch, does).
+    The module steps the optimiser itself (Lightning's manual optimisation, `training_step`), so
+    the Trainer's `gradient_clip_val`, `gradient_clip_algorithm` and `accumulate_grad_batches` do
+    not apply (`check_trainer` refuses them). A training step whose loss or gradient is not finite
+    is skipped: the optimiser does not step, so neither the weights, Adam's state nor the EMA
+    change, and `global_step` (which counts optimiser steps) does not advance; the learning-rate
+    warm-up steps once per batch, skipped or not.
     Skips are counted (`nonfinite_steps`, logged as ``train/skipped_nonfinite``); after
     `max_nonfinite_in_a_row` consecutive ones training saves ``nonfinite.ckpt`` (in the checkpoint
     folder) and stops with a `UQDMError`.
@@ -48,6 +56,8 @@ class UQDMModule(L.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         warmup: int = 1000,
+        gradient_clip_val: float | None = 1.0,
+        gradient_clip_algorithm: str = "norm",
         max_nonfinite_in_a_row: int = 10,
         estimator: str = "chain",
         init_from: str | None = None,
@@ -56,11 +66,14 @@ class UQDMModule(L.LightningModule):
         super().__init__()
         if max_nonfinite_in_a_row < 1:
             raise ValueError("max_nonfinite_in_a_row must be at least 1")
+        if gradient_clip_algorithm not in CLIP_ALGORITHMS:
+            raise ValueError(f"unknown gradient_clip_algorithm {gradient_clip_algorithm!r}; "
+                             f"choose one of {CLIP_ALGORITHMS}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        self.automatic_optimization = False  # `training_step` steps the optimiser, or skips the step
         self.nonfinite_steps = 0  # skipped training steps in the whole run (kept in checkpoints)
         self.nonfinite_in_a_row = 0
-        self._skip_step = False
         self.save_hyperparameters()  # flat: the arguments above and those in `model`
         self.model = build_model(**model)
         if self.rate_is_theoretical:
@@ -115,6 +128,10 @@ class UQDMModule(L.LightningModule):
                      on_epoch=not per_step, batch_size=batch_size, sync_dist=not per_step)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """One optimiser step, taken by hand: the loss, its backward pass and, only if both are
+        finite, Adam's step (clipping first, `on_before_optimizer_step`); then the warm-up's step.
+        `global_step` counts `optimizer.step()` calls, so a skipped step leaves it still."""
+        optimizer = self.optimizers()
         terms = self.bits_per_dim(batch)
         finite = bool(torch.isfinite(terms["bpd"]))
         if not finite:
@@ -122,36 +139,51 @@ class UQDMModule(L.LightningModule):
         else:
             self._log_terms("train", terms, batch.shape[0])
             self.log("gamma_min", self.model.schedule.gamma_min.detach(), on_step=True)
+            self.manual_backward(terms["bpd"])  # scaled by a float16 grad scaler, if any
+            if self._gradients_finite():
+                optimizer.step()
+                self.nonfinite_in_a_row = 0
+            else:
+                self._skip_nonfinite("gradient")
+            optimizer.zero_grad()
+        self.lr_schedulers().step()
         self.log("train/skipped_nonfinite", float(self.nonfinite_steps), on_step=True, batch_size=batch.shape[0])
-        return terms["bpd"] if finite else None  # None: Lightning skips backward, see `optimizer_step`
+        return terms["bpd"] if finite else None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradients inside `optimizer.step()`, where a float16 grad scaler has already
+        unscaled them (clipping before the step would clip scaled gradients)."""
+        hp = self.hparams
+        self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val or 0.0,
+                            gradient_clip_algorithm=hp.gradient_clip_algorithm)
+
+    @staticmethod
+    def check_trainer(trainer: L.Trainer) -> None:
+        """Refuse, in one line, the Trainer's optimisation options that manual optimisation
+        cannot honour (Lightning would refuse them too, with advice that does not apply here)."""
+        for option in ("gradient_clip_val", "gradient_clip_algorithm"):
+            value = getattr(trainer, option)
+            if value is not None:
+                value = getattr(value, "value", value)  # the algorithm is an enum
+                raise UQDMError(f"trainer.{option} is a model option now: use --model.{option}={value} "
+                                "(uqdm steps the optimiser itself, to skip non-finite steps)")
+        if trainer.accumulate_grad_batches != 1:
+            raise UQDMError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported "
+                            "(uqdm steps the optimiser itself, to skip non-finite steps); raise the batch size instead")
 
     # ---- non-finite steps ------------------------------------------------------------------------
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Between backward and the update: skip the step if the loss of any of its batches was
-        not finite, or if a gradient is not finite (possible with a finite loss). With a float16
-        grad scaler, overflowing gradients are the scaler's to handle (it skips the step and
-        lowers its scale), so only the loss is checked."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if not self._skip_step and scaler is None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-                self._skip_nonfinite("gradient")
-        if self._skip_step:
-            optimizer.zero_grad(set_to_none=True)  # torch's optimisers leave gradient-less parameters alone
-        else:
-            self.nonfinite_in_a_row = 0
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        optimizer.step(closure=optimizer_closure)  # the closure runs training_step and backward
-        if self._skip_step:
-            self._skip_step = False
-            self._uncount_optimizer_step()
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (possible with a finite loss). With a float16 grad
+        scaler, overflowing gradients are the scaler's to handle (it skips the step and lowers its
+        scale), so they count as finite here."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _skip_nonfinite(self, what: str, value: float | None = None) -> None:
-        """Mark this step to be skipped and count it; after `max_nonfinite_in_a_row` in a row,
-        save a checkpoint and stop."""
-        self._skip_step = True
+        """Count a skipped step; after `max_nonfinite_in_a_row` in a row, save a checkpoint and stop."""
         self.nonfinite_steps += 1
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_in_a_row:
@@ -169,16 +201,6 @@ class UQDMModule(L.LightningModule):
         callback = self.trainer.checkpoint_callback
         folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
         return os.path.join(folder, "nonfinite.ckpt")
-
-    def _uncount_optimizer_step(self) -> None:
-        """Take back the optimizer step Lightning counts for every batch, even one whose
-        `training_step` returned None, so that `global_step` (and with it the EMA, which averages
-        once per step, and step-based checkpointing) only counts steps that changed the weights.
-        Called inside `optimizer_step`, between Lightning's ``ready`` and ``completed`` increments."""
-        progress = self.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
-        for tracker in (progress.total, progress.current):
-            tracker.ready -= 1
-            tracker.completed -= 1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_steps"] = {"total": self.nonfinite_steps, "in_a_row": self.nonfinite_in_a_row}
