@@ -163,3 +163,27 @@ def test_the_module_clips_the_gradients_it_steps_with(tmp_path, tiny_hparams, al
     with pytest.raises(ValueError, match="norm"):
         UQDMModule(**tiny_hparams, gradient_clip_algorithm="max")
 
+
+def test_a_checkpoint_from_automatic_optimisation_resumes_its_step_count(tmp_path, tiny_hparams, caplog):
+    """Checkpoints written before the module stepped the optimiser itself count their steps under
+    Lightning's automatic optimisation; resuming one continues its `global_step`."""
+    fit = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               default_root_dir=tmp_path)
+    trainer = L.Trainer(max_steps=2, **fit)
+    trainer.fit(UQDMModule(**tiny_hparams), DataLoader(images(8), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    loop = checkpoint["loops"]["fit_loop"]
+    steps = loop["epoch_loop.manual_optimization.optim_step_progress"]
+    assert steps["total"]["completed"] == 2
+    loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = steps  # as written then
+    loop["epoch_loop.manual_optimization.optim_step_progress"] = {
+        part: {"ready": 0, "completed": 0} for part in ("total", "current")}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    trainer = L.Trainer(max_steps=3, **fit)
+    with caplog.at_level("INFO"):
+        trainer.fit(UQDMModule(**tiny_hparams), DataLoader(images(8), batch_size=2), ckpt_path=tmp_path / "old.ckpt",
+                    weights_only=True)
+    assert trainer.global_step == 3 and all(int(s["step"]) == 3 for s in trainer.optimizers[0].state.values())
+    assert "its step count (2) carried over" in caplog.text

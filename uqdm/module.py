@@ -8,7 +8,7 @@ import os
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .diffusion import GaussianDiffusion
 from .errors import UQDMError
@@ -18,6 +18,22 @@ from .rng import seeded
 from .weights import safe_load
 
 CLIP_ALGORITHMS = ("norm", "value")
+_AUTOMATIC_STEPS = "epoch_loop.automatic_optimization.optim_progress"  # in a checkpoint's fit_loop state
+_MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def carry_automatic_step_count(checkpoint: dict) -> int:
+    """A checkpoint written while uqdm trained with automatic optimisation (before it stepped the
+    optimiser itself) keeps its optimiser-step count where that mode counts; copy it to where
+    manual optimisation counts, so that a resumed run continues its `global_step` instead of
+    restarting it at 0. Returns the steps carried over (0: nothing to do)."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    automatic, manual = loop.get(_AUTOMATIC_STEPS), loop.get(_MANUAL_STEPS)
+    if not automatic or not manual or manual["total"]["completed"]:
+        return 0
+    steps = automatic["optimizer"]["step"]
+    loop[_MANUAL_STEPS] = {"total": dict(steps["total"]), "current": dict(steps["current"])}
+    return int(steps["total"]["completed"])
 
 
 class UQDMModule(L.LightningModule):
@@ -209,6 +225,10 @@ class UQDMModule(L.LightningModule):
         counts = checkpoint.get("nonfinite_steps") or {}
         self.nonfinite_steps = int(counts.get("total", 0))
         self.nonfinite_in_a_row = int(counts.get("in_a_row", 0))
+        steps = carry_automatic_step_count(checkpoint)
+        if steps:
+            rank_zero_info(f"checkpoint from before uqdm stepped the optimiser itself: its step count "
+                           f"({steps}) carried over to manual optimisation's")
 
     # ----------------------------------------------------------------------------------------------
 
