@@ -125,6 +125,30 @@ def test_nonfinite_step_is_skipped(tmp_path, kind, estimator, tiny_hparams):
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 1.0
 
 
+class OtherRankNaN(UQDMModule):
+    """Every loss here is finite, but on batch 2 another DDP rank's is not (the ranks' decision
+    is simulated by the strategy's public `reduce_boolean_decision`)."""
+
+    batches_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        strategy, decide = self.trainer.strategy, type(self.trainer.strategy).reduce_boolean_decision
+        bad = self.batches_seen == 2
+        strategy.reduce_boolean_decision = lambda decision, all=True: decide(strategy, decision and not bad, all)
+        self.batches_seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_nonfinite_loss_on_another_rank_skips_the_step_here(tmp_path, tiny_hparams):
+    module = OtherRankNaN(**tiny_hparams, **OPTIMISATION)
+    trainer, snapshots, data = _fit(module, tmp_path, max_steps=4)
+    trainer.fit(module, datamodule=data)
+    taken = snapshots.taken
+    assert [s["step"] for s in taken] == [1, 2, 2, 3, 4]
+    _assert_equal(taken[2]["weights"], taken[1]["weights"])
+    assert module.nonfinite_steps == 1
+
+
 def test_skip_count_is_kept_in_checkpoints(tmp_path, tiny_hparams):
     module = _faulty(tiny_hparams, {1})
     trainer, _, data = _fit(module, tmp_path, max_steps=2)

@@ -145,11 +145,14 @@ class UQDMModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         """One optimiser step, taken by hand: the loss, its backward pass and, only if both are
-        finite, Adam's step (clipping first, `on_before_optimizer_step`); then the warm-up's step.
+        finite (the loss on every rank), Adam's step (clipping first, `on_before_optimizer_step`); then the warm-up's step.
         `global_step` counts `optimizer.step()` calls, so a skipped step leaves it still."""
         optimizer = self.optimizers()
         terms = self.bits_per_dim(batch)
-        finite = bool(torch.isfinite(terms["bpd"]))
+        # Under DDP every rank must take the same branch (a rank that skipped its backward pass would
+        # leave the others waiting in the gradients' all-reduce): the step goes on only if every
+        # rank's loss is finite. The gradients, all-reduced, are then alike on every rank.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(terms["bpd"])), all=True)
         if not finite:
             self._skip_nonfinite("loss", float(terms["bpd"].detach()))
         else:
