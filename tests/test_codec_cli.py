@@ -98,8 +98,12 @@ def test_the_bar_is_drawn_only_on_a_terminal_and_not_with_quiet(capsys):
 def test_a_task_advances_by_its_steps_when_it_ends_and_goes_back_when_it_fails():
     with terminal_stderr() as shown, Progress(2 * 3 + 3, "test", quiet=False) as bar:
         with bar.task(2, 3, 8) as (on_chunk, on_tiles):  # two inputs of three chunks, eight tiles
-            on_chunk(0), on_tiles(4), on_tiles(4), on_chunk(1), on_chunk(2)
-        assert _last_count(shown()) == (6, 9) and "tiles 8/8" in shown()
+            on_chunk(0), on_chunk(1)
+            time.sleep(0.15)
+            on_tiles(3)
+            assert _last_count(shown()) == (2, 9) and shown().endswith("tiles 3/8]"), shown()  # within a step
+            on_tiles(5), on_chunk(2)
+        assert _last_count(shown()) == (6, 9) and shown().endswith("tiles 0/8]"), shown()
         with pytest.raises(RuntimeError), bar.task(1, 3, 1) as (on_chunk, on_tiles):
             on_chunk(1)
             raise RuntimeError("the codec call failed")
@@ -113,7 +117,7 @@ def test_compress_and_decompress_draw_a_bar_on_a_terminal_only(ckpt, tmp_path, o
                      "--tile", str(TILE)]) == 0
         drawn = shown()
     assert "compress: " in drawn and _last_count(drawn) == (6, 6), drawn  # 2 images × (T = 2, + lossless)
-    assert "tiles 8/8" in drawn, drawn  # 2 × 2 tiles of 4×4 in each 6×5 image, coded together
+    assert re.search(r"tiles [1-8]/8\]", drawn), drawn  # 2 × 2 tiles of 4×4 in each 6×5 image, coded together
 
     files = [str(tmp_path / "c" / f"{name}.uqdm") for name in "ab"]
     with terminal_stderr() as shown:

@@ -9,9 +9,12 @@ While it is drawn, the command's own lines (stdout and stderr) are written above
 import contextlib
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
+
+REDRAW_SECONDS = 0.1  # the tile count is redrawn at most this often
 
 
 def visible(quiet: bool, stream=None) -> bool:
@@ -27,7 +30,7 @@ class Progress:
 
     def __init__(self, total: int, description: str, quiet: bool):
         self.shown = visible(quiet)
-        self._lock = threading.Lock()
+        self._lock, self._drawn = threading.Lock(), 0.0
         self._bar = tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True,
                          leave=False, disable=not self.shown)
 
@@ -36,28 +39,40 @@ class Progress:
         if steps:
             with self._lock:
                 self._bar.update(steps)
-                self._bar.refresh()
+                self._draw()
+
+    def _draw(self) -> None:
+        self._bar.refresh()
+        self._drawn = time.monotonic()
 
     @contextlib.contextmanager
     def task(self, inputs: int, chunks: int, tiles: int
              ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
         """A codec call over `inputs` inputs of `chunks` chunks and `tiles` tiles in all: yields its
         `on_chunk(c)` and `on_tiles(n)` callbacks. The bar advances by `inputs` per chunk and shows
-        the tiles that went through the network since the last chunk; when the call ends the bar has
+        the tiles that went through the network since the last chunk (redrawn at most every
+        REDRAW_SECONDS); when the call ends the bar has
         advanced by inputs·chunks in all, and when it fails it goes back to where it was."""
         seen, passed = 0, 0
 
-        def on_chunk(c: int) -> None:
-            nonlocal seen, passed
-            if c > seen:
-                self._advance(inputs * (min(c, chunks) - seen))
-                seen, passed = min(c, chunks), 0
-
-        def on_tiles(n: int) -> None:
+        def show_tiles(n: int) -> None:
             nonlocal passed
-            passed = min(passed + n, tiles)
+            passed = n
             with self._lock:
                 self._bar.set_postfix_str(f"tiles {passed}/{tiles}", refresh=False)
+
+        def on_chunk(c: int) -> None:
+            nonlocal seen
+            if c > seen:
+                show_tiles(0)
+                self._advance(inputs * (min(c, chunks) - seen))
+                seen = min(c, chunks)
+
+        def on_tiles(n: int) -> None:
+            show_tiles(min(passed + n, tiles))
+            with self._lock:
+                if time.monotonic() - self._drawn >= REDRAW_SECONDS:
+                    self._draw()
 
         try:
             yield on_chunk, on_tiles
