@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import uqdm.codec.codec
-from uqdm.cli import main
+from uqdm.cli import main, tools_parser
 from uqdm.codec.container import truncate
 from uqdm.codec.fuzz import one_line_error, run_cli
 from uqdm.progress import Progress, visible
@@ -145,6 +145,12 @@ def test_device_cuda_without_a_gpu_is_one_line(command, ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+def test_the_model_runs_on_the_cpu_unless_told(command):
+    """A fast-mode file made on a GPU would not decode on a CPU: the GPU is asked for, not assumed."""
+    assert tools_parser(command).parse_args([command, "--ckpt", "c", "x", "-o", "y"]).device == "cpu"
+
+
 def test_device_cpu_and_auto_make_the_same_file(ckpt, tmp_path, one_thread):
     image = _rgb(tmp_path / "a.png", 0)
     for device in ("cpu", "auto"):
@@ -220,7 +226,7 @@ def test_several_files_decode_at_once_bit_for_bit_in_input_order(ckpt, tmp_path,
 # `uqdm ARGS` in a fresh interpreter: OMP_WAIT_POLICY as torch's import found it.
 WAIT_POLICY_PROBE = """
 import os, sys
-from uqdm.cli import main
+from uqdm.cli import main, tools_parser
 
 class Watch:
     def find_spec(self, name, path=None, target=None):

@@ -105,9 +105,10 @@ def _sleeping_openmp() -> None:
 
 
 def _runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="where the model runs (auto: cuda when available, else cpu; default %(default)s); "
-                             "the shared randomness, tables and range coder stay on the CPU")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the model runs (auto: cuda when available, else cpu; default %(default)s: "
+                             "a fast-mode file decodes on the float32 arithmetic it was made with); the shared "
+                             "randomness, tables and range coder stay on the CPU")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar (drawn on stderr only when it is a terminal)")
 
