@@ -10,8 +10,8 @@ network runs in one of two modes, recorded in the header: `portable`, float64 in
 never reach the tables (see `tables`); or `fast`, float32 one tile per call on one thread per call
 (see `fast`), exact wherever the float32 kernels are the encoder's, which the header's check value
 verifies. Each step's symbols are coded in L quality
-layers (`layers`); a prefix that ends after some layers of a step decodes them and takes the prior's
-mean for the rest of the step (`_partial_latent`).
+layers that each narrow the symbols' intervals (`layers`); a prefix that ends after some layers of a
+step decodes them and takes each symbol's conditional mean within its interval (`_partial_latent`).
 """
 
 import copy
@@ -33,7 +33,7 @@ from uqdm.walk import Node, Walk, dequantize, quantization_index
 from . import coder, randomness, tables
 from .container import CHECK_BYTES, DEFAULT_MODE, FINGERPRINT_BYTES, MODES, Header, pack, parse
 from .fast import PerTile
-from .layers import fill_in, layer_models
+from .layers import Refinement
 from .tiling import from_tiles, grid, to_tiles
 
 IDEAL_SLICE = 1 << 13  # symbols per slice when evaluating the 256-way p(x_raw | z_0)
@@ -175,16 +175,17 @@ def _top(net: UQDM, headers: list[Header], channels: int) -> Tensor:
     return _shared(headers, channels, randomness.top_latent).to(next(net.parameters()).device)
 
 
-def _layer_ideal_bits(net: UQDM, node: Node, span: slice, model: tables.StepModel, index: Tensor,
-                      values: Tensor) -> float:
-    """−log₂ P(k) of one layer's symbols `index` (flat, in one image's `span`) under the unquantised prior."""
+def _layer_ideal_bits(net: UQDM, node: Node, span: slice, narrowed: tuple[Tensor, ...]) -> float:
+    """−log₂ of one layer's values' probabilities under the unquantised prior: `narrowed` is
+    `Refinement.receive`'s (symbols, flat in one image's `span`, and their intervals before, after)."""
+    index, *edges = narrowed
     std = node.prior.std[span].cpu().flatten()[index]
-    return tables.ideal_step_bits(std, node.step.delta.cpu(), model.u[index], values.double(), net.prior_type)
+    return tables.ideal_interval_bits(std, node.step.delta.cpu(), edges[:2], edges[2:], net.prior_type)
 
 
 def _partial_latent(node: Node, u: Tensor, span: slice, k: Tensor) -> Tensor:
-    """z_s of one image's tiles from a partly received step: μ_p + (k − u)·Δ, where `k` (flat, CPU)
-    holds `fill_in`'s value for the symbols not received (so z_s = μ_p there)."""
+    """z_s of one image's tiles from a partly received step: μ_p + (k − u)·Δ, where `k` (flat, CPU,
+    float) is `Refinement.fill`'s: u + E[x | interval] for the symbols not yet exact."""
     mean = node.prior.mean[span]
     return dequantize(k.view(mean.shape).to(mean.device, mean.dtype), u[span], mean, node.step.delta)
 
@@ -288,14 +289,20 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     for node, u, models in _coded_steps(net, walk, headers, channels):
         k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
         k_cpu = k.to("cpu", torch.int64)
-        layered = [layer_models(model, layers) for model in models]
+        shown = []  # per image: each layer's ideal bits, and the indices after layers 1 … L − 1
         for n, span in enumerate(spans):
-            k_flat = k_cpu[span].flatten()
-            for index, layer_model in layered[n]:
-                chunks[n].append(coder.encode(layer_model, k_flat[index]))
+            k_flat, refinement, bits, fills = k_cpu[span].flatten(), Refinement(models[n], layers), [], []
+            for l in range(1, layers + 1):
+                values = refinement.values(k_flat)
+                chunks[n].append(coder.encode(refinement.layer(), values))
+                narrowed = refinement.receive(values, intervals=methods is not None)
+                if methods is not None:
+                    bits.append(_layer_ideal_bits(net, node, span, narrowed))
+                    fills += [refinement.fill()] if l < layers else []
+            shown.append((bits, fills))
         node.quantize(k, u)
         if methods is not None:
-            steps_taken.append((node, u, k_cpu, models, layered))
+            steps_taken.append((node, u, shown))
         coded(node.i + 1)
     z = walk.z
     if n_chunks > T:
@@ -309,13 +316,10 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     out = [Encoded(pack(h, c), {m: [] for m in methods or ()}, []) for h, c in zip(headers, chunks)]
     if methods is not None:  # what the decoder of each (lossless) file shows, and its ideal bits
         for n, (e, h, span, image) in enumerate(zip(out, headers, spans, images)):
-            for node, u, k_cpu, models, layered in steps_taken:
-                k_flat, received, latents = k_cpu[span].flatten(), fill_in(models[n].u), []
-                for l, (index, _) in enumerate(layered[n], start=1):
-                    e.ideal_bits.append(_layer_ideal_bits(net, node, span, models[n], index, k_flat[index]))
-                    received[index] = k_flat[index].double()
-                    if l < layers:  # the latents after layers 1 … L − 1 of the step
-                        latents.append(_partial_latent(node, u, span, received))
+            for node, u, shown in steps_taken:
+                bits, fills = shown[n]
+                e.ideal_bits += bits
+                latents = [_partial_latent(node, u, span, k) for k in fills]  # after layers 1 … L − 1
                 for m in methods:
                     e.points[m].append(_show(net, h, m, node.i, node.z_t[span], node.prior[span]))
                     e.points[m] += [_show(net, h, m, node.i + 1, z_s, None) for z_s in latents]
@@ -339,7 +343,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
-    some layers of a step decodes them, takes the prior's mean for the step's other symbols and
+    some layers of a step decodes them, takes each symbol's conditional mean within its known interval and
     reconstructs from there (`_partial_latent`). `method` is the reconstruction of the lossy points
     ("denoise", "ancestral" or "flow_based"); `all_points` also returns the picture at every point
     (after every layer) up to there. `on_point(p, picture)` is called as soon as the picture of
@@ -388,14 +392,15 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
         if every_point:
             shown(_show(net, header, method, node.i, node.z_t, node.prior))
         received = min(n_records - node.i * L, L)
-        k = fill_in(step_model.u)
-        for l, (index, layer_model) in enumerate(layer_models(step_model, L)[:received], start=1):
+        refinement = Refinement(step_model, L)
+        for l in range(1, received + 1):
             record = node.i * L + l
-            values = coder.decode(layer_model, container.layers[record - 1], header.describe(record))
-            k[index] = values.double()
-            ideal.append(_layer_ideal_bits(net, node, everything, step_model, index, values))
+            values = coder.decode(refinement.layer(), container.layers[record - 1], header.describe(record))
+            ideal.append(_layer_ideal_bits(net, node, everything, refinement.receive(values)))
             if every_point and l < (received if received < L else L):
-                shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, k), None))
+                shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, refinement.fill()),
+                            None))
+        k = refinement.fill()
         node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
         decoded(node.i + 1)
     z = walk.z

@@ -14,9 +14,13 @@ CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 UNIFORM = constriction.stream.model.Uniform()
 
 
-def _ends(symbols: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Positions of end symbols (0 or width − 1) and the sign of their excess (−1 low, +1 high)."""
-    at_end = torch.nonzero((symbols == 0) | (symbols == width - 1)).squeeze(1)
+def _ends(symbols: Tensor, width: int, open: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Positions of open end symbols (0 or width − 1; `Segment.open`) and the sign of their
+    excess (−1 low, +1 high)."""
+    low, high = symbols == 0, symbols == width - 1
+    if open is not None:
+        low, high = low & open[:, 0], high & open[:, 1]
+    at_end = torch.nonzero(low | high).squeeze(1)
     return at_end, torch.where(symbols[at_end] == 0, -1, 1)
 
 
@@ -30,7 +34,7 @@ def encode(model: StepModel | LosslessModel, values: Tensor) -> bytes:
         symbols = v.clamp(0, width - 1)
         encoder.encode(symbols.to(torch.int32).numpy(), CATEGORICAL, seg.table)
         if model.open_ends:
-            at_end, sign = _ends(symbols, width)
+            at_end, sign = _ends(symbols, width, seg.open)
             excess.append(sign * (v[at_end] - symbols[at_end]))
     if excess:
         _encode_excess(encoder, torch.cat(excess))
@@ -74,13 +78,13 @@ def decode(model: StepModel | LosslessModel, payload: bytes, where: str = "a seg
 def _decode(model: StepModel | LosslessModel, payload: bytes) -> Tensor:
     padded = payload + b"\0" * (-len(payload) % 4)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(padded, dtype=">u4").astype(np.uint32))
-    values = torch.empty(len(model), dtype=torch.int64)
+    values = torch.zeros(len(model), dtype=torch.int64)  # symbols no segment codes are 0
     ends, signs = [], []
     for seg in model.segments():
         symbols = torch.from_numpy(decoder.decode(CATEGORICAL, seg.table).astype(np.int64))
         values[seg.index] = symbols + seg.low
         if model.open_ends:
-            at_end, sign = _ends(symbols, seg.table.shape[1])
+            at_end, sign = _ends(symbols, seg.table.shape[1], seg.open)
             ends.append(seg.index[at_end])
             signs.append(sign)
     if ends:

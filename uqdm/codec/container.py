@@ -17,7 +17,8 @@ from uqdm.errors import UQDMError
 from uqdm.input_losses import LOSSES, from_bits, to_bits
 
 MAGIC = b"UQDM"
-VERSION = 3  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers, what the input lost, network mode
+VERSION = 4  # 2: a CRC32 after the header, chunk CRCs cover the chunk index; 3: quality layers, what the input lost,
+# network mode; 4: layers refine every symbol's interval (docs/format.md)
 FINGERPRINT_BYTES = 8
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 10

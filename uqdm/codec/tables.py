@@ -41,11 +41,16 @@ VOCAB_SIZE = 256
 
 @dataclass
 class Segment:
-    """Symbols `index` coded in one call: value v is symbol v − low under the row's table."""
+    """Symbols `index` coded in one call: value v is symbol v − low under the row's table.
+
+    With an open-ended model, a row's first (last) symbol stands for every value below (above) it
+    where `open[row, 0]` (`open[row, 1]`) is set, or always when `open` is None.
+    """
 
     index: Tensor
     low: int
     table: np.ndarray  # (len(index), width) float64, rows need not sum to 1
+    open: Tensor | None = None
 
 
 def scale_index(scale: Tensor) -> Tensor:
@@ -161,6 +166,15 @@ def step_model(std: Tensor, delta: Tensor, u: Tensor, prior_type: str) -> StepMo
 def lossless_model(z_0: Tensor, alpha_0: Tensor, gamma_0: Tensor) -> LosslessModel:
     """The entropy model of x_raw for one image given z_0 (encoder and decoder both call this)."""
     return LosslessModel((z_0 / alpha_0).flatten(), float(gamma_0))
+
+
+def ideal_interval_bits(std: Tensor, delta: Tensor, before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
+                        prior_type: str) -> float:
+    """−log₂ P(x ∈ after | x ∈ before) summed, under the unquantised prior, for intervals of
+    x = k − u in units of Δ (a refinement layer's bits: they add up to `ideal_step_bits`)."""
+    g = base_distribution(prior_type, std)
+    mass = lambda lo, hi: log_interval_mass(g, lo * delta, hi * delta)
+    return float((mass(*before) - mass(*after)).sum()) / math.log(2)
 
 
 def ideal_step_bits(std: Tensor, delta: Tensor, u: Tensor, k: Tensor, prior_type: str) -> float:
