@@ -31,10 +31,11 @@ from uqdm.schedules import alpha_sigma
 from uqdm.walk import Node, Walk, dequantize, quantization_index
 
 from . import coder, randomness, tables
-from .container import CHECK_BYTES, DEFAULT_MODE, FINGERPRINT_BYTES, MODES, Header, pack, parse
+from .container import CHECK_BYTES, DEFAULT_GRID, DEFAULT_MODE, FINGERPRINT_BYTES, GRIDS, MODES, Header, pack, parse
 from .fast import PerTile
 from .layers import Refinement
 from .tiling import from_tiles, grid, to_tiles
+from .windows import Windowed
 
 IDEAL_SLICE = 1 << 13  # symbols per slice when evaluating the 256-way p(x_raw | z_0)
 
@@ -109,28 +110,39 @@ def fingerprint(model: UQDM) -> bytes:
     return digest.digest()[:FINGERPRINT_BYTES]
 
 
-def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT_MODE) -> UQDM:
-    """A float64, eval-mode copy of the model whose network runs in sub-batches (portable) or
-    in float32 one tile per call, as many calls at once as torch has threads (fast)."""
+def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT_MODE, tile: int = 64,
+                grid_kind: str = DEFAULT_GRID) -> UQDM:
+    """A float64, eval-mode copy of the model whose network runs on the windows of `windows` (the
+    step's grid, `grid_kind` "shifted" or "fixed"), in sub-batches (portable) or in float32 one
+    window per call, as many calls at once as torch has threads (fast)."""
     if mode not in MODES:
         raise UQDMError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if grid_kind not in GRIDS:
+        raise UQDMError(f"unknown grid {grid_kind!r}; choose one of {', '.join(GRIDS)}")
     net = copy.deepcopy(as_uqdm(model)).double().eval()
     if mode == "fast":
-        net.network = PerTile(net.network, torch.get_num_threads())
+        inner = PerTile(net.network, torch.get_num_threads())
     else:
-        net.network = SubBatched(net.network, batch_tiles)
+        inner = SubBatched(net.network, batch_tiles)
+    gammas = [float(net.step(i).gamma_t) for i in range(net.n_timesteps)]
+    net.network = Windowed(inner, tile, gammas, shifted=grid_kind == "shifted")
     return net
 
 
+def _layouts(headers: list[Header]) -> list[tuple[int, int]]:
+    """Each image's base grid: (rows, cols) of tiles."""
+    return [grid(h.height, h.width, h.tile) for h in headers]
+
+
 def _count_tiles(net: UQDM, on_tiles: Callable[[int], None] | None) -> None:
-    """Call `on_tiles(n)` after every call of the score network on n tiles (progress display)."""
+    """Call `on_tiles(n)` after every call of the score network on n windows (progress display)."""
     if on_tiles is not None:
-        net.network.network.register_forward_hook(lambda module, args, out: on_tiles(len(args[0])))
+        net.network.network.network.register_forward_hook(lambda module, args, out: on_tiles(len(args[0])))
 
 
 def _verify(net: UQDM, header: Header) -> None:
     """In fast mode, refuse a file whose first network outputs hash differently here."""
-    if header.mode == "fast" and net.network.check_value(slice(None)) != header.check:
+    if header.mode == "fast" and net.network.network.check_value(slice(None)) != header.check:
         raise UQDMError("this file was compressed in fast mode on a machine whose float32 network arithmetic "
                         "differs from this one's (its check value does not match); decode it on a machine "
                         "like the encoder's, or compress with --mode portable")
@@ -196,11 +208,15 @@ def _lossless_model(net: UQDM, z_0: Tensor) -> tables.LosslessModel:
     return tables.lossless_model(z_0.cpu(), alpha_0.cpu(), gamma_0.cpu())
 
 
-def _show(net: UQDM, header: Header, method: str, i: int, z_t: Tensor, prior: Prior | None) -> Tensor:
+def _show(net: UQDM, header: Header, method: str, i: int, z_t: Tensor, prior: Prior | None,
+          blend: bool = True) -> Tensor:
     """The picture a decoder shows holding one image's tiles z_t after i steps (`ancestral` draws
-    from the generator of (seed, "ancestral", i))."""
+    from the generator of (seed, "ancestral", i)). With `blend`, every network call of the
+    reconstruction blends overlapping windows (`windows`), so the coding `prior` is not reused."""
     gen = randomness.generator(header.seed, "ancestral", i, z_t.device)
-    return from_tiles(net.reconstruct(z_t, i, method, prior, gen).cpu(), header.height, header.width)
+    with net.network.arranged(_layouts([header]), blend=blend):
+        picture = net.reconstruct(z_t, i, method, None if blend else prior, gen)
+    return from_tiles(picture.cpu(), header.height, header.width)
 
 
 def _check_images(images: list[Tensor], channels: int) -> int:
@@ -227,7 +243,7 @@ def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: 
              tile: int = 64, batch_tiles: int = BATCH_TILES,
              on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
              lost: Sequence[Sequence[str]] | None = None, mode: str = DEFAULT_MODE,
-             on_tiles: Callable[[int], None] | None = None) -> list[bytes]:
+             grid_kind: str = DEFAULT_GRID, on_tiles: Callable[[int], None] | None = None) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
@@ -235,37 +251,40 @@ def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: 
     first c chunks of every file are coded (c = 0: set-up done, nothing coded yet); `on_tiles(n)`
     after every network call on n tiles (of all images together). `lost[n]` names
     what image n lacks of the file it was read from (`uqdm.images.load_image_and_losses`),
-    recorded in its header. `mode`: "fast" or "portable" (see the module docstring). Returns one
-    file's bytes per image.
+    recorded in its header. `mode`: "fast" or "portable" (see the module docstring); `grid_kind`:
+    "shifted" (the network's windows move by half a tile every other step) or "fixed" (see
+    `windows`). Returns one file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
-                                    layers, mode, lost, on_tiles)]
+                                    layers, mode, grid_kind, True, lost, on_tiles)]
 
 
 @torch.inference_mode()
 def compress_progressive(model: UQDM, images: list[Tensor], seeds: Sequence[int], methods: Sequence[str],
                          tile: int = 64, batch_tiles: int = BATCH_TILES,
                          on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
-                         mode: str = DEFAULT_MODE) -> list[Encoded]:
+                         mode: str = DEFAULT_MODE, grid_kind: str = DEFAULT_GRID,
+                         blend: bool = True) -> list[Encoded]:
     """Lossless `.uqdm` files of uint8 C×H×W images (image n with seed `seeds[n]`), and from the
-    same walk what decoding each file shows at every truncation point for each of `methods`, and
-    the ideal bits of each layer. `on_chunk` as in `compress`; the pictures and ideal bits are made
-    after the last chunk is coded (they are no part of the encoder's time).
+    same walk what decoding each file shows at every truncation point for each of `methods`
+    (`decompress(..., blend=blend)`), and the ideal bits of each layer. `on_chunk`, `mode` and
+    `grid_kind` as in `compress`; the pictures and ideal bits are made after the last chunk is
+    coded (they are no part of the encoder's time).
     """
     for method in methods:
         _check_method(method)
-    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers, mode)
+    return _encode(model, images, seeds, None, methods, tile, batch_tiles, on_chunk, layers, mode, grid_kind, blend)
 
 
 def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int | None,
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
-            on_chunk: Callable[[int], None] | None, layers: int, mode: str,
+            on_chunk: Callable[[int], None] | None, layers: int, mode: str, grid_kind: str, blend: bool,
             lost: Sequence[Sequence[str]] | None = None,
             on_tiles: Callable[[int], None] | None = None) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
-    and ideal bits of `Encoded`."""
+    (blended or not) and ideal bits of `Encoded`."""
     fp = fingerprint(model)
-    net = codec_model(model, batch_tiles, mode)
+    net = codec_model(model, batch_tiles, mode, tile, grid_kind)
     _count_tiles(net, on_tiles)
     channels = _check_images(images, net.network.n_channels)
     T = net.n_timesteps
@@ -273,7 +292,8 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     check = bytes(CHECK_BYTES) if mode == "fast" else b""  # set from the first network call below
     try:
         lost = [()] * len(images) if lost is None else lost
-        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed, tuple(gone), mode=mode, check=check)
+        headers = [Header(fp, im.shape[1], im.shape[2], tile, T, layers, seed, tuple(gone), mode=mode, check=check,
+                          grid=grid_kind)
                    for im, seed, gone in zip(images, seeds, lost, strict=True)]
     except ValueError as e:
         raise UQDMError(f"cannot compress: {e}") from None
@@ -286,33 +306,34 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     coded(0)
     walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
     steps_taken = []  # per step: the node, u, k and each image's layers, for the report
-    for node, u, models in _coded_steps(net, walk, headers, channels):
-        k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
-        k_cpu = k.to("cpu", torch.int64)
-        shown = []  # per image: each layer's ideal bits, and the indices after layers 1 … L − 1
-        for n, span in enumerate(spans):
-            k_flat, refinement, bits, fills = k_cpu[span].flatten(), Refinement(models[n], layers), [], []
-            for l in range(1, layers + 1):
-                values = refinement.values(k_flat)
-                chunks[n].append(coder.encode(refinement.layer(), values))
-                narrowed = refinement.receive(values, intervals=methods is not None)
-                if methods is not None:
-                    bits.append(_layer_ideal_bits(net, node, span, narrowed))
-                    fills += [refinement.fill()] if l < layers else []
-            shown.append((bits, fills))
-        node.quantize(k, u)
-        if methods is not None:
-            steps_taken.append((node, u, shown))
-        coded(node.i + 1)
-    z = walk.z
-    if n_chunks > T:
-        for n, span in enumerate(spans):
-            chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
-        coded(T + 1)
-    if mode == "fast":
-        if net.network.first is None:  # no step coded: the decoder still calls the network at z₁
-            net.prior(_top(net, headers, channels), net.step(0))
-        headers = [replace(h, check=net.network.check_value(span)) for h, span in zip(headers, spans)]
+    with net.network.arranged(_layouts(headers)):  # the coding windows of every image
+        for node, u, models in _coded_steps(net, walk, headers, channels):
+            k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
+            k_cpu = k.to("cpu", torch.int64)
+            shown = []  # per image: each layer's ideal bits, and the indices after layers 1 … L − 1
+            for n, span in enumerate(spans):
+                k_flat, refinement, bits, fills = k_cpu[span].flatten(), Refinement(models[n], layers), [], []
+                for l in range(1, layers + 1):
+                    values = refinement.values(k_flat)
+                    chunks[n].append(coder.encode(refinement.layer(), values))
+                    narrowed = refinement.receive(values, intervals=methods is not None)
+                    if methods is not None:
+                        bits.append(_layer_ideal_bits(net, node, span, narrowed))
+                        fills += [refinement.fill()] if l < layers else []
+                shown.append((bits, fills))
+            node.quantize(k, u)
+            if methods is not None:
+                steps_taken.append((node, u, shown))
+            coded(node.i + 1)
+        z = walk.z
+        if n_chunks > T:
+            for n, span in enumerate(spans):
+                chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
+            coded(T + 1)
+        if mode == "fast":
+            if net.network.network.first is None:  # no step coded: the decoder still calls the network at z₁
+                net.prior(_top(net, headers, channels), net.step(0))
+            headers = [replace(h, check=net.network.network.check_value(span)) for h, span in zip(headers, spans)]
     out = [Encoded(pack(h, c), {m: [] for m in methods or ()}, []) for h, c in zip(headers, chunks)]
     if methods is not None:  # what the decoder of each (lossless) file shows, and its ideal bits
         for n, (e, h, span, image) in enumerate(zip(out, headers, spans, images)):
@@ -321,11 +342,11 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
                 e.ideal_bits += bits
                 latents = [_partial_latent(node, u, span, k) for k in fills]  # after layers 1 … L − 1
                 for m in methods:
-                    e.points[m].append(_show(net, h, m, node.i, node.z_t[span], node.prior[span]))
-                    e.points[m] += [_show(net, h, m, node.i + 1, z_s, None) for z_s in latents]
+                    e.points[m].append(_show(net, h, m, node.i, node.z_t[span], node.prior[span], blend))
+                    e.points[m] += [_show(net, h, m, node.i + 1, z_s, None, blend) for z_s in latents]
             e.ideal_bits.append(_lossless_ideal_bits(net, x_raw[span], z[span]))
             for m in methods:
-                e.points[m] += [_show(net, h, m, T, z[span], None), image]
+                e.points[m] += [_show(net, h, m, T, z[span], None, blend), image]
     return out
 
 
@@ -339,7 +360,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
                all_points: bool = False, batch_tiles: int = BATCH_TILES,
                on_point: Callable[[int, Tensor], None] | None = None,
                on_chunk: Callable[[int], None] | None = None,
-               on_tiles: Callable[[int], None] | None = None) -> Decoded:
+               on_tiles: Callable[[int], None] | None = None, blend: bool = True) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
@@ -349,7 +370,9 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     (after every layer) up to there. `on_point(p, picture)` is called as soon as the picture of
     each point p (p layers) up to there is shown (progressive display; every point's picture is
     made, as with `all_points`). `on_chunk(c)` and `on_tiles(n)` report progress as in `compress`
-    (c chunks decoded; n tiles through the network).
+    (c chunks decoded; n windows through the network). `blend`: the pictures of lossy points blend
+    overlapping windows (`windows`); without it, each pixel comes from one tile-sized window, as
+    the coding does.
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -361,7 +384,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     if header.fingerprint != fp:
         raise UQDMError(f"this file was made with a different model (fingerprint {header.fingerprint.hex()}, "
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
-    net = codec_model(model, batch_tiles, header.mode)
+    net = codec_model(model, batch_tiles, header.mode, header.tile, header.grid)
     _count_tiles(net, on_tiles)
     T = net.n_timesteps
     if header.n_timesteps != T:
@@ -386,28 +409,30 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     steps_run = min(-(-n_records // L), T)  # whole steps, and a partly received one
     walk = Walk(net, _top(net, [header], channels), stop=steps_run)
     everything = slice(None)
-    for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
-        if node.i == 0:
+    with net.network.arranged(_layouts([header])):  # the coding windows
+        if steps_run == 0 and header.mode == "fast":  # the encoder's first network call, at z₁
+            net.prior(walk.z, net.step(0))
             _verify(net, header)
-        if every_point:
-            shown(_show(net, header, method, node.i, node.z_t, node.prior))
-        received = min(n_records - node.i * L, L)
-        refinement = Refinement(step_model, L)
-        for l in range(1, received + 1):
-            record = node.i * L + l
-            values = coder.decode(refinement.layer(), container.layers[record - 1], header.describe(record))
-            ideal.append(_layer_ideal_bits(net, node, everything, refinement.receive(values)))
-            if every_point and l < (received if received < L else L):
-                shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, refinement.fill()),
-                            None))
-        k = refinement.fill()
-        node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
-        decoded(node.i + 1)
+        for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
+            if node.i == 0:
+                _verify(net, header)
+            if every_point:
+                shown(_show(net, header, method, node.i, node.z_t, node.prior, blend))
+            received = min(n_records - node.i * L, L)
+            refinement = Refinement(step_model, L)
+            for l in range(1, received + 1):
+                record = node.i * L + l
+                values = coder.decode(refinement.layer(), container.layers[record - 1], header.describe(record))
+                ideal.append(_layer_ideal_bits(net, node, everything, refinement.receive(values)))
+                if every_point and l < (received if received < L else L):
+                    shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, refinement.fill()),
+                                None, blend))
+            k = refinement.fill()
+            node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
+            decoded(node.i + 1)
     z = walk.z
     if n_records < header.n_records or every_point:
-        shown(_show(net, header, method, steps_run, z, None))
-    if steps_run == 0:
-        _verify(net, header)
+        shown(_show(net, header, method, steps_run, z, None, blend))
     if n_records == header.n_records:
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.layers[-1], header.describe(n_records)).view(z.shape)

@@ -24,7 +24,7 @@ from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.input_losses import describe
 from uqdm.options import BATCH_TILES, DEFAULT_LAYERS, DEVICES, RECONSTRUCTIONS, RELEASED_WEIGHTS
 
-from .container import DEFAULT_MODE, MODES, parse, parse_header, truncate
+from .container import DEFAULT_GRID, DEFAULT_MODE, GRIDS, MODES, parse, parse_header, truncate
 
 BATCH_TILES_PER_CALL = 256  # images are compressed together until they reach this many tiles
 
@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help="fast: float32 network, decodes on machines with the same float32 arithmetic (checked); "
                         "portable: float64 network, decodes anywhere (default: %(default)s)")
+    p.add_argument("--grid", choices=GRIDS, default=DEFAULT_GRID,
+                   help="shifted: the network's 64×64 windows move by half a tile every other step, across "
+                        "the tile borders; fixed: on the tiles at every step (default: %(default)s)")
     p.add_argument("--strict", action="store_true",
                    help="refuse an image that the file cannot hold exactly (transparency, more than 8 bits, "
                         "a colour profile, CMYK, several frames) instead of saying what it drops")
@@ -260,7 +263,7 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
             files = compress(model, [loaded.image for _, loaded in group], steps=args.steps, seed=args.seed,
                              tile=args.tile, batch_tiles=args.batch_tiles, layers=args.layers,
                              lost=[loaded.lost for _, loaded in group], mode=args.mode,
-                             on_chunk=on_chunk, on_tiles=on_tiles)
+                             on_chunk=on_chunk, on_tiles=on_tiles, grid_kind=args.grid)
     except UQDMError as error:
         if len(group) == 1:
             return job.fail(error, args.images[group[0][0]])

@@ -39,7 +39,7 @@ from PIL import Image
 
 from uqdm.cli import main
 from uqdm.codec import compress, decompress, parse
-from uqdm.codec.container import MAGIC, MODES, VERSION, Header, pack, varint
+from uqdm.codec.container import DEFAULT_GRID, GRIDS, MAGIC, MODES, VERSION, Header, pack, varint
 from uqdm.errors import UQDMError, is_out_of_memory
 from uqdm.module import UQDMModule
 from uqdm.weights import lightning_checkpoint, save_checkpoint
@@ -122,10 +122,11 @@ def _randbytes(rng: random.Random, n: int) -> bytes:
 
 def raw_header(fingerprint: bytes, height, width, tile, n_timesteps, layers, seed, lost=0,
                version: int = VERSION) -> bytes:
-    """Header bytes (portable mode, no CRC) with any field values (ints, or raw bytes for a field),
-    bypassing `Header`'s checks."""
+    """Header bytes (portable mode, the default grid, no CRC) with any field values (ints, or raw
+    bytes for a field), bypassing `Header`'s checks."""
     fields = [f if isinstance(f, bytes) else varint(f) for f in (height, width, tile, n_timesteps, layers, seed, lost)]
-    return MAGIC + bytes([version]) + fingerprint + b"".join(fields) + bytes([MODES.index("portable")])
+    return (MAGIC + bytes([version]) + fingerprint + b"".join(fields)
+            + bytes([MODES.index("portable"), GRIDS.index(DEFAULT_GRID)]))
 
 
 def truncation(rng, s):
