@@ -40,7 +40,6 @@ from uqdm.codec import coder
 from uqdm.codec.codec import _coded_steps, _show, _top, codec_model
 from uqdm.codec.container import Header
 from uqdm.codec.layers import Refinement
-from uqdm.codec.tables import ideal_interval_bits
 from uqdm.evaluation.quality import psnr_per_image
 from uqdm.images import box_resize_center_crop, load_image
 from uqdm.walk import Walk, quantization_index
@@ -205,13 +204,12 @@ def split(j: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
     return list(order.split(torch.bincount(layer, minlength=n_layers).tolist()))
 
 
-def codec_layers(model, k, std, delta, layers):
+def codec_layers(model, k, layers):
     """The codec's layers (`uqdm.codec.layers.Refinement`): ideal bits under the unquantised prior
     and the decoder's estimate of x = k − u after each."""
     refinement, out = Refinement(model, layers), []
     for _ in range(layers):
-        symbols, *edges = refinement.receive(refinement.values(k))
-        bits = ideal_interval_bits(std[symbols], delta, edges[:2], edges[2:], model.prior_type)
+        bits = refinement.receive(refinement.values(k))
         out.append((bits, refinement.fill() - model.u))
     return out
 
@@ -245,7 +243,7 @@ def run_image(net, image: torch.Tensor, seed: int, layers: int, schemes: dict, c
         widths = {}
         for name, (kind, arg) in schemes.items():
             if kind == "codec":
-                points = codec_layers(model, k.flatten(), node.prior.std.flatten().cpu(), node.step.delta.cpu(), layers)
+                points = codec_layers(model, k.flatten(), layers)
             elif kind == "today":
                 points = today(P, x, s, model.j, layers, arg or "zero")
             elif kind == "lagrangian":

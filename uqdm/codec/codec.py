@@ -187,14 +187,6 @@ def _top(net: UQDM, headers: list[Header], channels: int) -> Tensor:
     return _shared(headers, channels, randomness.top_latent).to(next(net.parameters()).device)
 
 
-def _layer_ideal_bits(net: UQDM, node: Node, span: slice, narrowed: tuple[Tensor, ...]) -> float:
-    """−log₂ of one layer's values' probabilities under the unquantised prior: `narrowed` is
-    `Refinement.receive`'s (symbols, flat in one image's `span`, and their intervals before, after)."""
-    index, *edges = narrowed
-    std = node.prior.std[span].cpu().flatten()[index]
-    return tables.ideal_interval_bits(std, node.step.delta.cpu(), edges[:2], edges[2:], net.prior_type)
-
-
 def _partial_latent(node: Node, u: Tensor, span: slice, k: Tensor) -> Tensor:
     """z_s of one image's tiles from a partly received step: μ_p + (k − u)·Δ, where `k` (flat, CPU,
     float) is `Refinement.fill`'s: u + E[x | interval] for the symbols not yet exact."""
@@ -305,7 +297,7 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     coded = on_chunk or (lambda c: None)
     coded(0)
     walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
-    steps_taken = []  # per step: the node, u, k and each image's layers, for the report
+    steps_taken = []  # per step: the node, u and each image's layer bits and partial indices, for the report
     with net.network.arranged(_layouts(headers)):  # the coding windows of every image
         for node, u, models in _coded_steps(net, walk, headers, channels):
             k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
@@ -316,10 +308,9 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
                 for l in range(1, layers + 1):
                     values = refinement.values(k_flat)
                     chunks[n].append(coder.encode(refinement.layer(), values))
-                    narrowed = refinement.receive(values, intervals=methods is not None)
-                    if methods is not None:
-                        bits.append(_layer_ideal_bits(net, node, span, narrowed))
-                        fills += [refinement.fill()] if l < layers else []
+                    bits.append(refinement.receive(values, bits=methods is not None))
+                    if methods is not None and l < layers:
+                        fills.append(refinement.fill())
                 shown.append((bits, fills))
             node.quantize(k, u)
             if methods is not None:
@@ -423,7 +414,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
             for l in range(1, received + 1):
                 record = node.i * L + l
                 values = coder.decode(refinement.layer(), container.layers[record - 1], header.describe(record))
-                ideal.append(_layer_ideal_bits(net, node, everything, refinement.receive(values)))
+                ideal.append(refinement.receive(values))
                 if every_point and l < (received if received < L else L):
                     shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, refinement.fill()),
                                 None, blend))

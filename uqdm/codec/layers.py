@@ -2,7 +2,7 @@
 
 A step's symbol k has the table P over the entries k = −R … R (`tables.StepModel`; the end entries
 hold the tails). A symbol's interval narrows through the stages m = 0 … M of its `ladder` of bin
-widths w (the powers of 2 from the largest ≤ R down to 1, in units of Δ): at stage m the decoder
+widths w (the powers of 2 from the largest ≤ R/2 down to 1, in units of Δ): at stage m the decoder
 knows which cell of the entries holds k, a cell being an intersection of the bins
 b = ⌊(k − u)/w + ½⌋ (centred on the prior's mean) of the first m widths; stage 0 knows nothing and
 the last width, 1, is k itself. A layer sends, for each symbol it
@@ -30,11 +30,13 @@ and was within 0.1 dB of it in steps 2–4; it beat the cell's centre by 0.1–1
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import Tensor
 
 from .exact import det_cdf
-from .tables import Segment, StepModel, scale_value
+from .tables import Segment, StepModel, interval_log_mass, scale_value
 
 SLOPE_STEPS = 16  # slope keys: round(16·log₂ of the variance removed per bit)
 KEY_LIMIT = 1 << 20
@@ -43,8 +45,9 @@ ENTRIES = 1 << 16  # table entries handled at once
 
 def ladder(r: int) -> list[int]:
     """The bin widths (in Δ) a symbol of table half-width R narrows through, coarse to exact:
-    the powers of 2 from the largest ≤ R down to 1 (dividing k − u by them is exact)."""
-    return [1 << m for m in range(r.bit_length() - 1, -1, -1)]
+    the powers of 2 from the largest ≤ R/2 down to 1 (dividing k − u by them is exact). Since
+    R ≥ TAIL·a + 1, wider bins would hold nearly all of the mass in one."""
+    return [1 << m for m in range(max(r // 2, 1).bit_length() - 1, -1, -1)]
 
 
 def _bins(x: Tensor, width: int) -> Tensor:
@@ -175,6 +178,8 @@ class Refinement:
         self.lo = torch.zeros(n, dtype=torch.long)  # the known cell: entries lo … hi of the symbol's table
         self.hi = 2 * model.ranges
         self.excess = torch.zeros(n, dtype=torch.long)  # of the symbols now exact
+        self.exact = self.plan[:, -1]
+        self.log_mass = torch.zeros(n, dtype=torch.float64)  # of each known cell under the unquantised prior
         self.layer_index = 0
         self._next: list[_Rows] | None = None
 
@@ -221,12 +226,12 @@ class Refinement:
             out.append(cand + (kk - kk.clamp(-r, r)))
         return torch.cat(out)
 
-    def receive(self, values: Tensor, intervals: bool = True) -> tuple[Tensor, ...]:
-        """Narrow the known cells by the layer's values. Returns (with `intervals`) the symbols
-        whose cell changed and their intervals of x before and after, in Δ (±inf at the tails;
-        after: k's own interval for a symbol now exact), for the layer's ideal bits."""
-        symbols, before, after = [torch.zeros(0, dtype=torch.long)], [], []
-        at = 0
+    def receive(self, values: Tensor, bits: bool = True) -> float | None:
+        """Narrow the known cells by the layer's values. With `bits` (then at every layer), returns
+        the layer's ideal bits: −log₂ P(new cell | old cell) summed under the unquantised prior
+        (the model's `std`), a cell standing for its interval of x (±inf at the tails; k's own
+        interval once k is exact)."""
+        total, at = 0.0, 0
         for part in self._rows():
             v = values[at: at + len(part.rows)]
             at += len(part.rows)
@@ -235,22 +240,21 @@ class Refinement:
             lo, hi = part.first.gather(1, cand[:, None]).squeeze(1), part.last.gather(1, cand[:, None]).squeeze(1)
             exact = part.target == part.g.stages
             excess = torch.where(exact, v - cand, 0)
-            if intervals:
-                symbols.append(n)
-                before.append(_interval(part.g, part.rows, self.lo[n], self.hi[n]))
-                after.append(_interval(part.g, part.rows, lo, hi, excess, exact))
             self.lo[n], self.hi[n], self.excess[n] = lo, hi, excess
+            if bits:
+                log_mass = interval_log_mass(self.model.std[n], *_interval(part.g, part.rows, lo, hi, excess, exact),
+                                             self.model.prior_type)
+                total += float((self.log_mass[n] - log_mass).sum())
+                self.log_mass[n] = log_mass
         self.stage = self.plan[:, self.layer_index].clone()
         self.layer_index += 1
         self._next = None
-        if not intervals:
-            return ()
-        edges = [torch.cat([b[i] for b in before] + [torch.zeros(0, dtype=torch.float64)]) for i in (0, 1)]
-        edges += [torch.cat([b[i] for b in after] + [torch.zeros(0, dtype=torch.float64)]) for i in (0, 1)]
-        return torch.cat(symbols), *edges
+        return total / math.log(2) if bits else None
 
     def fill(self) -> Tensor:
         """The step's indices as far as known: k where exact, else u + E[x | cell] under P (float64)."""
+        if torch.equal(self.stage, self.exact):
+            return (self.lo - self.model.ranges + self.excess).double()
         k = torch.empty(len(self.model), dtype=torch.float64)
         for g in self.groups:
             lo, hi = self.lo[g.index, None], self.hi[g.index, None]
@@ -262,17 +266,14 @@ class Refinement:
         return k
 
 
-def _interval(g: _Group, rows: Tensor, lo: Tensor, hi: Tensor, excess: Tensor | None = None,
-              exact: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _interval(g: _Group, rows: Tensor, lo: Tensor, hi: Tensor, excess: Tensor, exact: Tensor) -> tuple[Tensor, Tensor]:
     """The interval of x = k − u (in Δ) of the cells lo … hi of `rows`; ±inf at a tail entry; k's
     own interval where `exact`."""
     x = g.x[rows]
     at_lo, at_hi = x.gather(1, lo[:, None]).squeeze(1), x.gather(1, hi[:, None]).squeeze(1)
     left = torch.where(lo == 0, -torch.inf, at_lo - 0.5)
     right = torch.where(hi == 2 * g.r, torch.inf, at_hi + 0.5)
-    if exact is not None:
-        left, right = torch.where(exact, at_lo + excess - 0.5, left), torch.where(exact, at_lo + excess + 0.5, right)
-    return left, right
+    return torch.where(exact, at_lo + excess - 0.5, left), torch.where(exact, at_lo + excess + 0.5, right)
 
 
 class LayerModel:

@@ -87,9 +87,10 @@ class StepModel:
 
     open_ends = True
 
-    def __init__(self, u: Tensor, j: Tensor, prior_type: str):
+    def __init__(self, u: Tensor, j: Tensor, prior_type: str, std: Tensor | None = None):
         self.u, self.j, self.prior_type = u, j, prior_type
         self.ranges = half_width(j, prior_type)
+        self.std = std  # the prior's std in units of Δ, unrounded: for ideal bits only
 
     def __len__(self) -> int:
         return self.u.numel()
@@ -160,7 +161,7 @@ def step_model(std: Tensor, delta: Tensor, u: Tensor, prior_type: str) -> StepMo
     Encoder and decoder both call this.
     """
     scale = base_distribution(prior_type, std).scale / delta
-    return StepModel(u.flatten(), scale_index(scale.flatten()), prior_type)
+    return StepModel(u.flatten(), scale_index(scale.flatten()), prior_type, (std / delta).flatten())
 
 
 def lossless_model(z_0: Tensor, alpha_0: Tensor, gamma_0: Tensor) -> LosslessModel:
@@ -168,13 +169,10 @@ def lossless_model(z_0: Tensor, alpha_0: Tensor, gamma_0: Tensor) -> LosslessMod
     return LosslessModel((z_0 / alpha_0).flatten(), float(gamma_0))
 
 
-def ideal_interval_bits(std: Tensor, delta: Tensor, before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
-                        prior_type: str) -> float:
-    """−log₂ P(x ∈ after | x ∈ before) summed, under the unquantised prior, for intervals of
-    x = k − u in units of Δ (a refinement layer's bits: they add up to `ideal_step_bits`)."""
-    g = base_distribution(prior_type, std)
-    mass = lambda lo, hi: log_interval_mass(g, lo * delta, hi * delta)
-    return float((mass(*before) - mass(*after)).sum()) / math.log(2)
+def interval_log_mass(std: Tensor, lo: Tensor, hi: Tensor, prior_type: str) -> Tensor:
+    """log P(lo < x < hi) under the unquantised prior of std `std`, x = k − u, all in units of Δ
+    (a refinement layer's ideal bits are differences of these: they add up to `ideal_step_bits`)."""
+    return log_interval_mass(base_distribution(prior_type, std), lo, hi)
 
 
 def ideal_step_bits(std: Tensor, delta: Tensor, u: Tensor, k: Tensor, prior_type: str) -> float:
