@@ -24,6 +24,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from uqdm import codec
 from uqdm.cli import main
+from uqdm.codec.container import parse
 from uqdm.evaluation import ProgressiveMetrics, SharedNoise, bd_rate, point_names, progressive_chain
 from uqdm.evaluation.classical import CODECS, sweep
 from uqdm.evaluation.fid import FeatureMoments, fid_protocol, frechet_distances
@@ -438,15 +439,27 @@ def test_evaluate_prepares_npy_images_and_reports_bad_input(tmp_path, ckpt, caps
         pytest.approx(0.0, abs=1e-9)
     assert "lpips/flow_based" in printed
 
-    for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"]):
+    for bad in (["--images", str(tmp_path / "nothing")], ["--size", "0"], ["--layers", "0"]):
         args = ["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--out", str(out)]
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2
-    assert capsys.readouterr().err.count("uqdm: error: ") == 2
+    assert capsys.readouterr().err.count("uqdm: error: ") == 3
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--ckpt", str(ckpt), "--images", "x", "--methods", "blur", "--out", str(out)])
     assert exit_.value.code == 2
+
+
+def test_evaluate_with_one_layer_per_step_scores_the_step_points_only(tmp_path, ckpt):
+    """`--layers 1`: files of one layer per step, whose layer points are the T + 2 step points."""
+    np.save(tmp_path / "images.npy", random_images(1, 16).permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "out"
+    main(["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--methods", "denoise",
+          "--codecs", "none", "--tile", "16", "--layers", "1", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    points, layers = results["uqdm"]["points"], results["uqdm"]["layer_points"]
+    assert [p["bpp_file"] for p in layers] == pytest.approx([p["bpp_file"] for p in points])
+    assert parse((out / "files" / "0.uqdm").read_bytes()).header.layers == 1
 
 
 def test_the_compressai_rule_reads_published_files_and_refuses_the_old_uqdm_keys(tmp_path):

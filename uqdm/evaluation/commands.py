@@ -11,7 +11,7 @@ from uqdm.atomic import write_atomic
 from uqdm.diffusion import UQDM
 from uqdm.errors import UQDMError
 from uqdm.images import box_resize_center_crop, load_images
-from uqdm.options import RECONSTRUCTIONS
+from uqdm.options import DEFAULT_LAYERS, RECONSTRUCTIONS
 from uqdm.weights import load_model
 
 from .classical import CODECS
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="tiles per network call of the codec (default: the codec's, as `uqdm decompress` uses)")
     p.add_argument("--tile", type=int, default=64, metavar="T", help="tile size of the codec (default 64)")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, metavar="L",
+                   help=f"quality layers per step of the files (default {DEFAULT_LAYERS}, as `uqdm compress`); "
+                   "every layer point is pictured and scored, so 1 (the step points only) is the fastest")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device of the network (default cpu)")
     p.add_argument("--decode-times", action="store_true",
                    help="also decode every file again, timed: decoding times, and a check that each file shows "
@@ -81,7 +84,7 @@ def register(subparsers) -> None:
 
 
 def _check(args) -> None:
-    for name in ("size", "batch_size", "tile"):
+    for name in ("size", "batch_size", "tile", "layers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UQDMError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -135,7 +138,7 @@ def run(args) -> None:
     try:
         results, files = evaluate(model, images, names=[name for name, _ in named], methods=args.methods,
                                   codecs=args.codecs, inception=inception, lpips=lpips, seed=args.seed,
-                                  tile=args.tile, batch_size=args.batch_size, size=args.size,
+                                  tile=args.tile, batch_size=args.batch_size, layers=args.layers, size=args.size,
                                   decode_times=args.decode_times,
                                   progress=progress)
     finally:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from uqdm.codec.codec import BATCH_TILES
 from uqdm.codec.container import parse
+from uqdm.options import DEFAULT_LAYERS
 
 from .bdrate import bd_rate
 from .classical import CODECS, sweep
@@ -34,10 +35,11 @@ Progress = Callable[[int], None]
 
 
 def code_each(module: nn.Module, images: Sequence[Tensor], scores: ProgressiveScores, *, seed: int = 0,
-              tile: int = 64, batch_tiles: int = BATCH_TILES, progress: Progress | None = None
+              tile: int = 64, batch_tiles: int = BATCH_TILES, layers: int = DEFAULT_LAYERS,
+              progress: Progress | None = None
               ) -> tuple[list[bytes], list[list[float]], list[list[float]], list[list[float]] | None]:
-    """Each image's lossless `.uqdm` file (seed `seed + n` for image n), with its ideal bits and its
-    decoder's pictures at every step's truncation point for every method of `scores` fed to
+    """Each image's lossless `.uqdm` file (seed `seed + n` for image n; `layers` per step), with its
+    ideal bits and its decoder's pictures at every step's truncation point for every method of `scores` fed to
     `scores`; returns the files and, per image and truncation point, the real cumulative bits per
     pixel (the file's bytes up to the end of that point's chunk, all its layers, header included)
     and the encoding time (`timed_codec.encode_timed`); and per image the PSNR (dB, inf where
@@ -46,7 +48,7 @@ def code_each(module: nn.Module, images: Sequence[Tensor], scores: ProgressiveSc
     files, file_bpp, times, layer_psnr = [], [], [], []
     for n, image in enumerate(images):
         encoded, seconds = encode_timed(module, image, seed=seed + n, tile=tile, methods=scores.methods,
-                                        batch_tiles=batch_tiles)
+                                        batch_tiles=batch_tiles, layers=layers)
         container = parse(encoded.data)
         at = [container.header.records_after(k) for k in range(container.header.n_timesteps + 2)]  # layer points
         bits = torch.tensor(np.cumsum([0.0, *encoded.ideal_bits]))[at]
@@ -117,6 +119,7 @@ def evaluate(
     seed: int = 0,
     tile: int = 64,
     batch_size: int | None = None,
+    layers: int = DEFAULT_LAYERS,
     size: int | None = None,
     decode_times: bool = False,
     progress: Callable[[str, int, str], Progress] | None = None,
@@ -139,7 +142,8 @@ def evaluate(
     every layer (None and {} without the denoise method). By default each image is walked once;
     `decode_times` decodes every file again, timed, and warns about any that does not show the
     walk's pictures or give back its image.
-    `batch_size` is the codec's tiles per network call (default `codec.BATCH_TILES`).
+    `batch_size` is the codec's tiles per network call (default `codec.BATCH_TILES`); `layers` its
+    quality layers per step (1: the T + 2 step points only, the least pictures to make).
     `progress(description, total, unit)` makes a progress callback (called with the units done).
     """
     names = [str(n) for n in range(len(images))] if names is None else list(names)
@@ -151,7 +155,7 @@ def evaluate(
     times = {}
     start = time.perf_counter()
     files, file_bpp, encoding_time, layer_psnr = code_each(
-        module, images, scores, seed=seed, tile=tile, batch_tiles=batch_size or BATCH_TILES,
+        module, images, scores, seed=seed, tile=tile, batch_tiles=batch_size or BATCH_TILES, layers=layers,
         progress=progress("UQDM files", len(images), "image") if progress else None)
     s = scores.compute()
     times["uqdm_files"] = time.perf_counter() - start

@@ -10,13 +10,15 @@ from torch import Tensor, nn
 
 from uqdm import codec
 from uqdm.codec.codec import BATCH_TILES, Encoded
+from uqdm.options import DEFAULT_LAYERS
 
 from .quality import psnr_per_image
 
 
 def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int, methods: Sequence[str] = (),
-                 batch_tiles: int = BATCH_TILES) -> tuple[Encoded, list[float]]:
-    """One image's file, with its decoder's pictures for `methods` and its ideal bits
+                 batch_tiles: int = BATCH_TILES, layers: int = DEFAULT_LAYERS) -> tuple[Encoded, list[float]]:
+    """One image's file of `layers` quality layers per step, with its decoder's pictures for `methods`
+    and its ideal bits
     (`codec.compress_progressive`), and, per truncation point p (p chunks: z₁ alone, the steps,
     lossless), the seconds until its first p chunks were coded: what an encoder stopping at p
     spends (p = 0: the set-up, model copy and fingerprint included; the pictures, made after the
@@ -24,7 +26,7 @@ def encode_timed(module: nn.Module, image: Tensor, *, seed: int, tile: int, meth
     times = []
     start = time.perf_counter()
     encoded = codec.compress_progressive(module, [image], [seed], methods, tile=tile, batch_tiles=batch_tiles,
-                                         on_chunk=lambda _: times.append(time.perf_counter() - start))[0]
+                                         layers=layers, on_chunk=lambda _: times.append(time.perf_counter() - start))[0]
     return encoded, times
 
 
