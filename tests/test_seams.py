@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from uqdm.codec import compress_progressive
-from uqdm.codec.windows import Windowed, blend_offsets, cut, paste, step_offset
+from uqdm.codec.windows import Windowed, blend_offsets, step_offset
 from uqdm.evaluation.seams import coding_grids, grid_ratio, seam_ratio
 from uqdm.images import load_image
 from uqdm.weights import load_model
@@ -37,17 +37,40 @@ def test_the_seam_ratio_sees_blocks_and_not_smooth_pictures():
 
 # --- windows ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("offset", [(0, 0), (8, 8), (0, 8), (8, 0), (7, 5)])
-def test_windows_lie_inside_the_canvas_and_keep_each_pixel_once(offset):
-    canvas = torch.randn(3, 32, 48, dtype=torch.float64)
-    windows = cut(canvas, 16, offset)
-    rows, cols = 2 + (offset[0] > 0), 3 + (offset[1] > 0)
-    assert windows.shape == (rows * cols, 3, 16, 16)
-    assert torch.equal(paste(windows, 32, 48, offset), canvas)
-    # every window is a 16×16 block of the canvas: the last one ends at its corner
-    assert torch.equal(windows[-1], canvas[:, -16:, -16:])
-    if offset == (8, 8):  # the second window of the second row straddles four tiles
-        assert torch.equal(windows[cols + 1], canvas[:, 8:24, 8:24])
+class Recorder(torch.nn.Module):
+    """Keeps the windows it is called on; outputs zeros."""
+
+    n_channels = 3
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, z, gamma_t):
+        self.seen.append(z.clone())
+        return torch.zeros_like(z), None
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_shifted_windows_lie_inside_the_canvas_and_straddle_the_tiles(batch):
+    """On a 2×3-tile canvas, step 0's windows are the tiles; step 1's are 3×4 windows, every one a
+    16×16 block of the canvas (the edge ones at its edges), the inner ones centred on tile corners."""
+    recorder = Recorder()
+    windowed = Windowed(recorder, 16, gammas=[-1.0, 0.5], shifted=True, batch=batch)
+    z = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    canvas = torch.cat([torch.cat(list(z[r * 3 : r * 3 + 3]), dim=2) for r in range(2)], dim=1)  # 3×32×48
+    with windowed.arranged([(2, 3)]):
+        windowed(z, torch.tensor(-1.0, dtype=torch.float64))
+        first = torch.cat(recorder.seen)
+        recorder.seen.clear()
+        windowed(z, torch.tensor(0.5, dtype=torch.float64))
+    assert torch.equal(first, z)
+    shifted = torch.cat(recorder.seen)
+    assert len(shifted) == 3 * 4 and all(len(w) <= batch for w in recorder.seen)
+    tops, lefts = [0, 8, 16], [0, 8, 24, 32]
+    for n, window in enumerate(shifted):
+        y, x = tops[n // 4], lefts[n % 4]
+        assert torch.equal(window, canvas[:, y : y + 16, x : x + 16]), (n, y, x)
 
 
 def test_the_grid_moves_by_half_a_tile_every_other_step_where_there_are_neighbours():
@@ -71,7 +94,7 @@ class PixelWise(torch.nn.Module):
 def test_windowed_outputs_of_a_pixelwise_network_are_the_networks(shifted, blend):
     """Cropped or blended, the windows' outputs land on the pixels they came from (the blending
     weights sum to one), for every step's grid and several images of different sizes at once."""
-    windowed = Windowed(PixelWise(), 16, gammas=[-1.0, 0.5, 2.0], shifted=shifted)
+    windowed = Windowed(PixelWise(), 16, gammas=[-1.0, 0.5, 2.0], shifted=shifted, batch=5)
     layout = [(2, 3), (1, 1), (1, 2)]
     z = torch.randn(sum(r * c for r, c in layout), 3, 16, 16, dtype=torch.float64)
     expected = PixelWise()(z, None)

@@ -111,21 +111,23 @@ def fingerprint(model: UQDM) -> bytes:
 
 
 def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT_MODE, tile: int = 64,
-                grid_kind: str = DEFAULT_GRID) -> UQDM:
+                grid_kind: str = DEFAULT_GRID, tiles: int = 0) -> UQDM:
     """A float64, eval-mode copy of the model whose network runs on the windows of `windows` (the
-    step's grid, `grid_kind` "shifted" or "fixed"), in sub-batches (portable) or in float32 one
-    window per call, as many calls at once as torch has threads (fast)."""
+    step's grid, `grid_kind` "shifted" or "fixed"), `batch_tiles` windows per call (portable), or
+    in float32 one window per call, as many calls at once as torch has threads (fast; the outputs
+    of the first `tiles` windows, step 0's, are kept for the check value)."""
     if mode not in MODES:
         raise UQDMError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if grid_kind not in GRIDS:
         raise UQDMError(f"unknown grid {grid_kind!r}; choose one of {', '.join(GRIDS)}")
     net = copy.deepcopy(as_uqdm(model)).double().eval()
+    threads = torch.get_num_threads()
     if mode == "fast":
-        inner = PerTile(net.network, torch.get_num_threads())
+        inner, batch = PerTile(net.network, threads, recorded=tiles), max(batch_tiles, threads)
     else:
-        inner = SubBatched(net.network, batch_tiles)
+        inner, batch = SubBatched(net.network, batch_tiles), batch_tiles
     gammas = [float(net.step(i).gamma_t) for i in range(net.n_timesteps)]
-    net.network = Windowed(inner, tile, gammas, shifted=grid_kind == "shifted")
+    net.network = Windowed(inner, tile, gammas, shifted=grid_kind == "shifted", batch=batch)
     return net
 
 
@@ -276,7 +278,8 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     (blended or not) and ideal bits of `Encoded`."""
     fp = fingerprint(model)
-    net = codec_model(model, batch_tiles, mode, tile, grid_kind)
+    tiles = sum(math.prod(grid(im.shape[-2], im.shape[-1], tile)) for im in images)
+    net = codec_model(model, batch_tiles, mode, tile, grid_kind, tiles)
     _count_tiles(net, on_tiles)
     channels = _check_images(images, net.network.n_channels)
     T = net.n_timesteps
@@ -322,7 +325,7 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
                 chunks[n].append(coder.encode(_lossless_model(net, z[span]), x_raw[span].flatten().long()))
             coded(T + 1)
         if mode == "fast":
-            if net.network.network.first is None:  # no step coded: the decoder still calls the network at z₁
+            if not net.network.network.first:  # no step coded: the decoder still calls the network at z₁
                 net.prior(_top(net, headers, channels), net.step(0))
             headers = [replace(h, check=net.network.network.check_value(span)) for h, span in zip(headers, spans)]
     out = [Encoded(pack(h, c), {m: [] for m in methods or ()}, []) for h, c in zip(headers, chunks)]
@@ -375,7 +378,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     if header.fingerprint != fp:
         raise UQDMError(f"this file was made with a different model (fingerprint {header.fingerprint.hex()}, "
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
-    net = codec_model(model, batch_tiles, header.mode, header.tile, header.grid)
+    net = codec_model(model, batch_tiles, header.mode, header.tile, header.grid,
+                      math.prod(grid(header.height, header.width, header.tile)))
     _count_tiles(net, on_tiles)
     T = net.n_timesteps
     if header.n_timesteps != T:

@@ -10,9 +10,10 @@ machine's float32 kernels only, never on how many tiles or threads the caller ha
 
 Everything after the network (μ_p, z_s, the tables) is computed from its outputs in float64 with
 elementwise operations, as in the portable mode. What remains machine-dependent, the float32
-kernels themselves, is checked: `check_value` hashes the outputs of the first call (at z₁, which
-both sides draw from the seed), the encoder stores it in the header, and a decoder whose first
-call hashes differently refuses the file before decoding any chunk.
+kernels themselves, is checked: `check_value` hashes the outputs of the first network call (at z₁,
+which both sides draw from the seed, on each of the image's tiles: the first `recorded` tiles
+through the network, however the caller batches them), the encoder stores it in the header, and a
+decoder whose first call hashes differently refuses the file before decoding any chunk.
 """
 
 import hashlib
@@ -28,15 +29,16 @@ class PerTile(nn.Module):
     """A float32 copy of a score network called on one tile at a time, one thread per call.
 
     `forward` returns float64 outputs (the caller's precision) and keeps the float32 outputs of
-    the first call in `first` (for `check_value`).
+    the first `recorded` tiles through it, over as many calls as they take (for `check_value`).
     """
 
-    def __init__(self, network: nn.Module, workers: int):
+    def __init__(self, network: nn.Module, workers: int, recorded: int = 0):
         super().__init__()
         self.network = network.float()
         self.n_channels = network.n_channels
         self.workers = max(1, workers)
-        self.first: tuple[Tensor, Tensor | None] | None = None
+        self.recorded = recorded
+        self.first: list[tuple[Tensor, Tensor | None]] = []
 
     def _one(self, z: Tensor, gamma_t: Tensor) -> tuple[Tensor, Tensor | None]:
         torch.set_num_threads(1)
@@ -57,16 +59,18 @@ class PerTile(nn.Module):
             torch.set_num_threads(threads)
         eps = torch.cat([o[0] for o in outs])
         factor = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
-        if self.first is None:
-            self.first = (eps, factor)
+        kept = sum(len(e) for e, _ in self.first)
+        if kept < self.recorded:
+            self.first.append((eps[: self.recorded - kept], None if factor is None else factor[: self.recorded - kept]))
         return eps.double(), (None if factor is None else factor.double())
 
     def check_value(self, span: slice) -> bytes:
-        """First CHECK_BYTES of SHA-256 over the first call's float32 outputs of tiles `span`."""
-        if self.first is None:
-            raise RuntimeError("the network has not been called yet")
+        """First CHECK_BYTES of SHA-256 over the float32 outputs of the recorded tiles `span`: ε̂, then
+        the scale factor."""
+        if sum(len(e) for e, _ in self.first) < self.recorded or not self.recorded:
+            raise RuntimeError("the network has not been called on the recorded tiles yet")
         digest = hashlib.sha256()
-        for out in self.first:
-            if out is not None:
-                digest.update(out[span].contiguous().cpu().numpy().tobytes())
+        for n in range(2):
+            if self.first[0][n] is not None:
+                digest.update(torch.cat([out[n] for out in self.first])[span].contiguous().cpu().numpy().tobytes())
         return digest.digest()[:CHECK_BYTES]

@@ -63,46 +63,6 @@ def _axis(size: int, tile: int, offset: int) -> tuple[list[int], list[tuple[int,
     return [0, *inner, size - tile], [(0, offset), *[(0, tile)] * len(inner), (offset, tile)]
 
 
-def _coordinates(size: int, tile: int, offset: int) -> tuple[Tensor, Tensor]:
-    """The canvas coordinate of every window position along an axis, and the window positions kept."""
-    starts, kept = _axis(size, tile, offset)
-    read = torch.cat([torch.arange(s, s + tile) for s in starts])
-    keep = torch.cat([a * tile + torch.arange(lo, hi) for a, (lo, hi) in enumerate(kept)])
-    return read, keep
-
-
-def cut(canvas: Tensor, tile: int, offset: Offset) -> Tensor:
-    """C×H×W canvas (H, W multiples of t) → the t×t windows of the grid at `offset`, row-major."""
-    _, h, w = canvas.shape
-    ys, xs = _coordinates(h, tile, offset[0])[0], _coordinates(w, tile, offset[1])[0]
-    return to_tiles(canvas[:, ys][:, :, xs], tile)
-
-
-def paste(windows: Tensor, height: int, width: int, offset: Offset) -> Tensor:
-    """Inverse of `cut`: each pixel of the height×width canvas from the window that keeps it."""
-    tile = windows.shape[-1]
-    (ys, keep_y), (xs, keep_x) = _coordinates(height, tile, offset[0]), _coordinates(width, tile, offset[1])
-    mosaic = from_tiles(windows, len(ys), len(xs))
-    return mosaic[:, keep_y][:, :, keep_x]
-
-
-def blend(windows: Tensor, height: int, width: int, offsets: Sequence[Offset]) -> Tensor:
-    """The windows of the grids at `offsets` (in `cut`'s order, one grid after another) weighted by
-    `window_weight`, summed on the canvas, divided by the sum of the weights at each pixel."""
-    tile = windows.shape[-1]
-    weight = window_weight(tile, windows.dtype).to(windows.device)
-    total = windows.new_zeros(windows.shape[1], height, width)
-    count = windows.new_zeros(1, height, width)
-    n = 0
-    for oy, ox in offsets:
-        for y in _axis(height, tile, oy)[0]:
-            for x in _axis(width, tile, ox)[0]:
-                total[:, y : y + tile, x : x + tile] += weight * windows[n]
-                count[:, y : y + tile, x : x + tile] += weight
-                n += 1
-    return total / count
-
-
 def window_weight(tile: int, dtype: torch.dtype) -> Tensor:
     """s(p)·s(q) on a t×t window, s(p) = sin²(π(p + ½)/t): ~0 at the window's border."""
     p = torch.arange(tile, dtype=torch.float64)
@@ -114,16 +74,18 @@ Output = tuple[Tensor, Tensor | None]
 
 
 class Windowed(nn.Module):
-    """A score network run on the windows of `windows`'s module docstring.
+    """A score network run on the windows of `windows`'s module docstring, `batch` windows per call.
 
     `forward(z, γ_t)` takes the base-grid tiles of the images of `arranged`'s layout (in that order)
-    and returns the network's outputs in the same order. The step is recognised by its γ_t
+    and returns the network's outputs in the same order; besides them it holds one image's canvas
+    of outputs and `batch` windows at a time. The step is recognised by its γ_t
     (`gammas[i]` is step i's: the codec computes them with the same code on both sides).
     """
 
-    def __init__(self, network: nn.Module, tile: int, gammas: Sequence[float], shifted: bool = True):
+    def __init__(self, network: nn.Module, tile: int, gammas: Sequence[float], shifted: bool = True,
+                 batch: int = 4):
         super().__init__()
-        self.network, self.tile, self.shifted = network, tile, shifted
+        self.network, self.tile, self.shifted, self.batch = network, tile, shifted, max(1, batch)
         self.n_channels = network.n_channels
         self.steps = {g: i for i, g in enumerate(gammas)}
         if len(self.steps) != len(gammas):
@@ -154,24 +116,44 @@ class Windowed(nn.Module):
         t = self.tile
         if sum(r * c for r, c in self.layout) != len(z):
             raise RuntimeError(f"{len(z)} tiles do not match the layout {self.layout}")
-        canvases, grids, start = [], [], 0
+        eps, factor, start = torch.empty_like(z), None, 0
         for rows, cols in self.layout:
-            canvas = from_tiles(z[start : start + rows * cols], rows * t, cols * t)
-            canvases.append(canvas)
-            grids.append(self._offsets(gamma_t, rows, cols))
-            start += rows * cols
-        windows = torch.cat([cut(c, t, o) for c, offsets in zip(canvases, grids) for o in offsets])
-        eps, factor = self.network(windows, gamma_t)
-        outs = [self._assemble(o, canvases, grids) for o in (eps, factor) if o is not None]
-        return outs[0], (outs[1] if factor is not None else None)
-
-    def _assemble(self, out: Tensor, canvases: list[Tensor], grids: list[list[Offset]]) -> Tensor:
-        """The outputs of every window back on each image's canvas, as base-grid tiles."""
-        t, start, tiles = self.tile, 0, []
-        for canvas, offsets in zip(canvases, grids):
-            _, h, w = canvas.shape
-            n = sum(len(_axis(h, t, oy)[0]) * len(_axis(w, t, ox)[0]) for oy, ox in offsets)
-            part = out[start : start + n]
+            n = rows * cols
+            canvas = from_tiles(z[start : start + n], rows * t, cols * t)
+            out_eps, out_factor = self._outputs(canvas, self._offsets(gamma_t, rows, cols), gamma_t)
+            eps[start : start + n] = to_tiles(out_eps, t)
+            if out_factor is not None:
+                factor = torch.empty_like(z) if factor is None else factor
+                factor[start : start + n] = to_tiles(out_factor, t)
             start += n
-            tiles.append(to_tiles(paste(part, h, w, offsets[0]) if len(offsets) == 1 else blend(part, h, w, offsets), t))
-        return torch.cat(tiles)
+        return eps, factor
+
+    def _outputs(self, canvas: Tensor, offsets: list[Offset], gamma_t: Tensor) -> Output:
+        """The network's outputs on one canvas, its windows `batch` at a time: each pixel's from the
+        window that keeps it (one grid), or blended (several)."""
+        t, (_, h, w) = self.tile, canvas.shape
+        places = []  # (grid, window top, window left, kept rows, kept columns)
+        for g, (oy, ox) in enumerate(offsets):
+            ys, xs = _axis(h, t, oy), _axis(w, t, ox)
+            places += [(g, y, x, ky, kx) for y, ky in zip(*ys) for x, kx in zip(*xs)]
+        blended = len(offsets) > 1
+        weight = window_weight(t, canvas.dtype).to(canvas.device)
+        sums: list[Tensor | None] = [None, None]
+        count = canvas.new_zeros(1, h, w) if blended else None
+        for first in range(0, len(places), self.batch):
+            batch = places[first : first + self.batch]
+            windows = torch.stack([canvas[:, y : y + t, x : x + t] for _, y, x, _, _ in batch])
+            for n, out in enumerate(self.network(windows, gamma_t)):
+                if out is None:
+                    continue
+                total = sums[n] = canvas.new_zeros(out.shape[1], h, w) if sums[n] is None else sums[n]
+                for o, (_, y, x, (y0, y1), (x0, x1)) in zip(out, batch):
+                    if blended:
+                        total[:, y : y + t, x : x + t] += weight * o
+                    else:
+                        total[:, y + y0 : y + y1, x + x0 : x + x1] = o[:, y0:y1, x0:x1]
+            if blended:
+                for _, y, x, _, _ in batch:
+                    count[:, y : y + t, x : x + t] += weight
+        eps, factor = (part / count if blended and part is not None else part for part in sums)
+        return eps, factor
