@@ -55,24 +55,36 @@ def _bins(x: Tensor, width: int) -> Tensor:
 
 
 class _Group:
-    """The symbols `index` of one half-width r: positions x = k − u of their entries, the CDF
-    C (C[e] = P(entries < e), C[0] = 0, C[2r + 1] = 1) and each stage's cell boundaries
-    (bound[m][:, e]: entries e and e + 1 lie in different stage-m cells)."""
+    """The symbols `index` of one half-width r (at most about `ENTRIES` table entries in all). Their
+    per-entry arrays, O(r) per symbol, are made for the rows asked for and not kept, so that a step
+    holds a few integers per symbol between its layers: `x` (positions x = k − u of the entries),
+    `cdf` (C[e] = P(entries < e), C[0] = 0, C[2r + 1] = 1) and `bounds` (bound[m][:, e]: entries e
+    and e + 1 lie in different stage-m cells). Each is elementwise in the rows, so a subset's
+    values are the bits of the whole group's."""
 
     def __init__(self, model: StepModel, index: Tensor, r: int):
-        self.index, self.r = index, r
-        u, a = model.u[index, None], scale_value(model.j[index])[:, None]
-        self.x = torch.arange(-r, r + 1, dtype=torch.float64) - u
-        cdf = det_cdf(model.prior_type, (self.x[:, 1:] - 0.5) / a)
-        self.C = torch.cat([torch.zeros_like(cdf[:, :1]), cdf, torch.ones_like(cdf[:, :1])], dim=1)
-        bound = torch.zeros(len(index), 2 * r, dtype=torch.bool)
-        bounds = [bound]
+        self.model, self.index, self.r = model, index, r
         self.stages = len(ladder(r))  # the exact stage
-        for w in ladder(r):
-            b = _bins(self.x, w)
+
+    def x(self, rows: Tensor | None = None) -> Tensor:
+        index = self.index if rows is None else self.index[rows]
+        return torch.arange(-self.r, self.r + 1, dtype=torch.float64) - self.model.u[index, None]
+
+    def cdf(self, rows: Tensor | None = None, x: Tensor | None = None) -> Tensor:
+        index = self.index if rows is None else self.index[rows]
+        x = self.x(rows) if x is None else x
+        cdf = det_cdf(self.model.prior_type, (x[:, 1:] - 0.5) / scale_value(self.model.j[index])[:, None])
+        return torch.cat([torch.zeros_like(cdf[:, :1]), cdf, torch.ones_like(cdf[:, :1])], dim=1)
+
+    def bounds(self, x: Tensor) -> Tensor:
+        """(stages + 1) × rows × 2r, for the rows whose positions are `x`."""
+        bound = torch.zeros(len(x), 2 * self.r, dtype=torch.bool)
+        bounds = [bound]
+        for w in ladder(self.r):
+            b = _bins(x, w)
             bound = bound | (b[:, 1:] != b[:, :-1])
             bounds.append(bound)
-        self.bound = torch.stack(bounds)  # (stages + 1) × n × 2r
+        return torch.stack(bounds)
 
 
 def _groups(model: StepModel) -> list[_Group]:
@@ -85,13 +97,14 @@ def _groups(model: StepModel) -> list[_Group]:
 
 def _stage_costs(g: _Group) -> tuple[Tensor, Tensor]:
     """D (n × M+1): expected variance of x left at each stage; R: expected bits of its cell."""
-    P = torch.diff(g.C, dim=1)
+    x = g.x()
+    P = torch.diff(g.cdf(x=x), dim=1)
     D, R = [], []
-    for bound in g.bound:
+    for bound in g.bounds(x):
         cell = torch.cat([torch.zeros_like(bound[:, :1]), bound], 1).long().cumsum(1)
         mass = torch.zeros_like(P).scatter_add_(1, cell, P)
-        first = torch.zeros_like(P).scatter_add_(1, cell, P * g.x)
-        second = torch.zeros_like(P).scatter_add_(1, cell, P * g.x * g.x)
+        first = torch.zeros_like(P).scatter_add_(1, cell, P * x)
+        second = torch.zeros_like(P).scatter_add_(1, cell, P * x * x)
         D.append((second - first**2 / mass.clamp_min(1e-300)).sum(1).clamp_min(0))
         R.append(-(mass * torch.log2(mass.clamp_min(1e-300))).sum(1))
     return torch.stack(D, 1), torch.stack(R, 1)
@@ -192,7 +205,7 @@ class Refinement:
         target = self.plan[g.index, self.layer_index]
         rows = torch.nonzero(target > self.stage[g.index]).squeeze(1)
         lo, hi = self.lo[g.index[rows], None], self.hi[g.index[rows], None]
-        bound = g.bound[target[rows], rows]  # rows × 2r: cell boundaries at the target stage
+        bound = g.bounds(g.x(rows))[target[rows], torch.arange(len(rows))]  # rows × 2r: at the target stage
         e = torch.arange(2 * g.r + 1)[None, :]
         inside = (e >= lo) & (e <= hi)
         pad = torch.zeros_like(bound[:, :1])
@@ -259,8 +272,9 @@ class Refinement:
         for g in self.groups:
             lo, hi = self.lo[g.index, None], self.hi[g.index, None]
             e = torch.arange(2 * g.r + 1)[None, :]
-            P = torch.diff(g.C, dim=1) * ((e >= lo) & (e <= hi))
-            mean = (P * g.x).sum(1) / P.sum(1).clamp_min(1e-300)
+            x = g.x()
+            P = torch.diff(g.cdf(x=x), dim=1) * ((e >= lo) & (e <= hi))
+            mean = (P * x).sum(1) / P.sum(1).clamp_min(1e-300)
             known = (lo.squeeze(1) - g.r + self.excess[g.index]).double()
             k[g.index] = torch.where(self.stage[g.index] == g.stages, known, mean + self.model.u[g.index])
         return k
@@ -269,7 +283,7 @@ class Refinement:
 def _interval(g: _Group, rows: Tensor, lo: Tensor, hi: Tensor, excess: Tensor, exact: Tensor) -> tuple[Tensor, Tensor]:
     """The interval of x = k − u (in Δ) of the cells lo … hi of `rows`; ±inf at a tail entry; k's
     own interval where `exact`."""
-    x = g.x[rows]
+    x = g.x(rows)
     at_lo, at_hi = x.gather(1, lo[:, None]).squeeze(1), x.gather(1, hi[:, None]).squeeze(1)
     left = torch.where(lo == 0, -torch.inf, at_lo - 0.5)
     right = torch.where(hi == 2 * g.r, torch.inf, at_hi + 0.5)
@@ -296,7 +310,7 @@ class LayerModel:
     def segments(self) -> Iterator[Segment]:
         offset = 0
         for p in self.parts:
-            C = p.g.C[p.rows]
+            C = p.g.cdf(p.rows)
             valid = torch.arange(p.first.shape[1])[None, :] < p.count[:, None]
             mass = torch.where(valid, C.gather(1, p.last + 1) - C.gather(1, p.first), 0.0)
             opens = p.exact_ends()
