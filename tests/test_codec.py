@@ -185,6 +185,21 @@ def test_refinement_layers_narrow_every_symbol_and_add_up_to_one_layer(j_range, 
     assert len(one) - 4 <= sum(map(len, chunks)) <= len(one) + 4 * 4
 
 
+@pytest.mark.parametrize("j_range, prior_type, crc", [((-80, 90), "logistic", 0x3E6FDCFD), ((-20, 90), "normal", 0xE19D4668)])
+def test_refinement_plan_layers_and_estimates_are_pinned(j_range, prior_type, crc):
+    """The plan, every layer's bytes and every estimate of a fixed step (CRC32 of them all, taken
+    with format 4's first layers code): a faster `layers` must not move a bit."""
+    model, k = _step(j_range, prior_type, n=3000, seed=3)
+    refinement = Refinement(model, 5)
+    digest = zlib.crc32(refinement.plan.numpy().tobytes())
+    for _ in range(5):
+        values = refinement.values(k)
+        digest = zlib.crc32(coder.encode(refinement.layer(), values), digest)
+        refinement.receive(values)
+        digest = zlib.crc32(refinement.fill().numpy().tobytes(), digest)
+    assert digest == crc
+
+
 def test_refinement_layer_bits_add_up_to_the_steps():
     """Per symbol the layers' ideal bits telescope to −log₂ P(k) under the unquantised prior."""
     model, k = _step((-30, 30), "logistic", n=500)

@@ -87,6 +87,11 @@ class _Group:
         return torch.stack(bounds)
 
 
+def _cells(bound: Tensor) -> Tensor:
+    """Each entry's cell (counted from 0, ascending along a row) from the rows' cell boundaries."""
+    return torch.cat([torch.zeros_like(bound[:, :1]), bound], 1).long().cumsum(1)
+
+
 def _groups(model: StepModel) -> list[_Group]:
     out = []
     for r in torch.unique(model.ranges).tolist():
@@ -99,14 +104,17 @@ def _stage_costs(g: _Group) -> tuple[Tensor, Tensor]:
     """D (n × M+1): expected variance of x left at each stage; R: expected bits of its cell."""
     x = g.x()
     P = torch.diff(g.cdf(x=x), dim=1)
+    Px = P * x
+    Pxx = Px * x
     D, R = [], []
     for bound in g.bounds(x):
-        cell = torch.cat([torch.zeros_like(bound[:, :1]), bound], 1).long().cumsum(1)
+        cell = _cells(bound)
         mass = torch.zeros_like(P).scatter_add_(1, cell, P)
-        first = torch.zeros_like(P).scatter_add_(1, cell, P * x)
-        second = torch.zeros_like(P).scatter_add_(1, cell, P * x * x)
-        D.append((second - first**2 / mass.clamp_min(1e-300)).sum(1).clamp_min(0))
-        R.append(-(mass * torch.log2(mass.clamp_min(1e-300))).sum(1))
+        first = torch.zeros_like(P).scatter_add_(1, cell, Px)
+        second = torch.zeros_like(P).scatter_add_(1, cell, Pxx)
+        tiny = mass.clamp_min(1e-300)
+        D.append((second - first**2 / tiny).sum(1).clamp_min(0))
+        R.append(-(mass * torch.log2(tiny)).sum(1))
     return torch.stack(D, 1), torch.stack(R, 1)
 
 
@@ -115,21 +123,23 @@ def _increments(D: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     stage reached, slope key, bits in 1/16 bit). A step that costs no expected bits gets the top key."""
     rows, stages, keys, bits = [], [], [], []
     last = D.shape[1] - 1
-    at = torch.zeros(len(D), dtype=torch.long)
+    at = torch.zeros(len(D), 1, dtype=torch.long)
     every = torch.arange(len(D))
-    while (live := at < last).any():
-        r0, d0 = R[every, at][:, None], D[every, at][:, None]
-        later = torch.arange(last + 1)[None, :] > at[:, None]
+    stage = torch.arange(last + 1)[None, :]
+    while (live := (at < last).squeeze(1)).any():
+        r0 = R.gather(1, at)
         gain = (R - r0).clamp_min(0)
-        slope = torch.where(later & (gain > 1e-12), (d0 - D) / gain.clamp_min(1e-12), -torch.inf)
-        best = torch.argmax(slope, 1)
-        free = slope[every, best] == -torch.inf  # no later stage costs bits: go to the end at once
+        slope = torch.where((stage > at) & (gain > 1e-12), (D.gather(1, at) - D) / gain.clamp_min(1e-12), -torch.inf)
+        best = torch.argmax(slope, 1, keepdim=True)
+        steepest = slope.gather(1, best)
+        free = steepest == -torch.inf  # no later stage costs bits: go to the end at once
         nxt = torch.where(free, last, best)
-        s = slope[every, best].clamp_min(1e-300)
-        key = torch.where(free, KEY_LIMIT, torch.round(SLOPE_STEPS * torch.log2(s)).clamp(-KEY_LIMIT, KEY_LIMIT))
-        cost = torch.round(16 * (R[every, nxt] - R[every, at])).clamp_min(1)
+        s = steepest.clamp_min(1e-300)
+        key = torch.where(free, KEY_LIMIT, torch.round(SLOPE_STEPS * torch.log2(s)).clamp(-KEY_LIMIT, KEY_LIMIT)).squeeze(1)
+        cost = torch.round(16 * (R.gather(1, nxt) - r0)).clamp_min(1).squeeze(1)
+        nxt = nxt.squeeze(1)
         rows.append(every[live]), stages.append(nxt[live]), keys.append(key[live].long()), bits.append(cost[live].long())
-        at = torch.where(live, nxt, at)
+        at = torch.where(live, nxt, at.squeeze(1))[:, None]
     return torch.cat(rows), torch.cat(stages), torch.cat(keys), torch.cat(bits)
 
 
@@ -206,20 +216,15 @@ class Refinement:
         rows = torch.nonzero(target > self.stage[g.index]).squeeze(1)
         lo, hi = self.lo[g.index[rows], None], self.hi[g.index[rows], None]
         bound = g.bounds(g.x(rows))[target[rows], torch.arange(len(rows))]  # rows × 2r: at the target stage
-        e = torch.arange(2 * g.r + 1)[None, :]
-        inside = (e >= lo) & (e <= hi)
-        pad = torch.zeros_like(bound[:, :1])
-        starts = inside & ((e == lo) | torch.cat([pad, bound], 1))
-        ends = inside & ((e == hi) | torch.cat([bound, pad], 1))
-        cand = torch.cumsum(starts.long(), 1) - 1
-        count = starts.sum(1)
+        cell = _cells(bound)  # the known cell spans lo … hi
+        c_lo = cell.gather(1, lo)
+        count = (cell.gather(1, hi) - c_lo).squeeze(1) + 1
         width = max(int(count.max()), 1) if len(rows) else 1
-        first = hi.expand(-1, width).clone()
-        last = hi.expand(-1, width).clone()
-        r_start, e_start = torch.nonzero(starts, as_tuple=True)
-        first[r_start, cand[r_start, e_start]] = e_start
-        r_end, e_end = torch.nonzero(ends, as_tuple=True)
-        last[r_end, cand[r_end, e_end]] = e_end
+        c = torch.arange(width)[None, :]
+        ids = c_lo + c  # the candidates' cells
+        valid = c < count[:, None]
+        first = torch.where(valid, torch.searchsorted(cell, ids), hi)
+        last = torch.where(valid, torch.searchsorted(cell, ids, right=True) - 1, hi)
         return _Rows(g, rows, target[rows], count, first, last)
 
     def layer(self) -> "LayerModel":
