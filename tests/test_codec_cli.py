@@ -7,7 +7,6 @@ import fcntl
 import os
 import re
 import struct
-import subprocess
 import sys
 import termios
 import threading
@@ -220,38 +219,3 @@ def test_several_files_decode_at_once_bit_for_bit_in_input_order(ckpt, tmp_path,
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 7
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-
-
-# --- OpenMP's idle threads ------------------------------------------------------------------------
-# `uqdm ARGS` in a fresh interpreter: OMP_WAIT_POLICY as torch's import found it.
-WAIT_POLICY_PROBE = """
-import os, sys
-from uqdm.cli import main, tools_parser
-
-class Watch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "seen" not in globals():
-            globals()["seen"] = os.environ.get("OMP_WAIT_POLICY")
-        return None
-
-sys.meta_path.insert(0, Watch())
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    assert not e.code, e.code
-print(seen)
-"""
-
-
-@pytest.mark.parametrize("preset", [None, "ACTIVE"])
-def test_openmp_threads_sleep_unless_the_environment_says_otherwise(preset, ckpt, tmp_path):
-    """On a busy machine spinning OpenMP threads made the codec 4× slower (`_sleeping_openmp`)."""
-    _rgb(tmp_path / "a.png", 0)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"},
-               **({"OMP_WAIT_POLICY": preset} if preset else {}))
-    for argv in (["compress", "a.png", "-o", "a.uqdm", "--tile", str(TILE)], ["decompress", "a.uqdm", "-o", "b.png"]):
-        out = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE, argv[0], "--ckpt", str(ckpt), *argv[1:]],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.splitlines()[-1] == (preset or "PASSIVE"), out.stdout

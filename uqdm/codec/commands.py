@@ -14,7 +14,6 @@ Lightning.
 import argparse
 import contextlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -96,15 +95,6 @@ def _batch_tiles(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES, metavar="N",
                         help=f"portable mode: tiles per network call (default {BATCH_TILES}); fewer need less "
                              "memory (the fast mode calls it on one tile at a time)")
-
-
-def _sleeping_openmp() -> None:
-    """Make OpenMP's idle threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, unless the
-    environment sets it), before torch loads its OpenMP runtime. On a busy machine a thread spinning
-    at the end of each parallel region over the codec's small tensors holds the core that the other
-    thread needs: 8 Kodak 64×64 images took 17.6 s to compress on 2 threads, 4.7 s passive, 3.9 s on
-    one thread (AMD EPYC, 2 cores at load 4); decoded bits do not depend on it."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _runtime(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +195,6 @@ def _budget_bytes(bpp: float, height: int, width: int) -> int:
 def run_compress(args) -> None:
     """Images are read one at a time and coded in groups of up to BATCH_TILES_PER_CALL tiles; a group
     that fails is coded again image by image, so that only the bad image fails."""
-    _sleeping_openmp()
     _positive(tile=args.tile, batch_tiles=args.batch_tiles)
     if args.bpp is not None:
         _budget_bytes(args.bpp, 1, 1)  # refuse a bad budget before any work
@@ -282,7 +271,6 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
 def run_decompress(args) -> None:
     """Several files are decoded at once, as many as torch has threads, each on one thread (a
     64×64 file is one tile: the fast mode's threads per tile would leave the other cores idle)."""
-    _sleeping_openmp()
     import torch
 
     from uqdm.images import save_png
