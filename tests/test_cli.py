@@ -95,6 +95,7 @@ def test_bad_config_value_is_a_clear_error(tmp_path, capsys, monkeypatch):
 def test_trainer_options_the_module_took_over_are_one_line_errors(tmp_path, capsys, monkeypatch, option, says):
     """The module steps the optimiser itself (to skip non-finite steps): clipping is a model option."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["uqdm"])  # as a user runs it (LightningCLI warns about pytest's argv)
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", DEFAULT, *TINY, option])
     err = capsys.readouterr().err
