@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from uqdm.atomic import write_atomic
+from uqdm.batch_job import warn as print_warning
 from uqdm.diffusion import UQDM
 from uqdm.errors import UQDMError
 from uqdm.images import box_resize_center_crop, load_images
@@ -108,7 +109,7 @@ def run(args) -> None:
 
     def warn(message: str) -> None:
         warnings.append(message)
-        print(f"uqdm: warning: {message}", file=sys.stderr)
+        print_warning(message)
 
     inception, protocol, lpips = None, None, None
     if args.fid:
