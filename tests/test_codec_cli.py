@@ -2,13 +2,9 @@
 terminal only (`--quiet` silences it; a pipe sees the plain output), `--device`, and several files
 decoded at once on all of torch's threads, bit for bit as one at a time, reported in input order."""
 
-import contextlib
-import fcntl
 import os
 import re
-import struct
 import sys
-import termios
 import threading
 import time
 from pathlib import Path
@@ -24,49 +20,14 @@ from uqdm.codec.container import truncate
 from uqdm.codec.fuzz import one_line_error, run_cli
 from uqdm.progress import Progress, visible
 
+from terminal import terminal_stderr
+
 TILE = 4
 
 
 def _rgb(path: Path, seed: int, h: int = 6, w: int = 5) -> Path:
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(path)
     return path
-
-
-@contextlib.contextmanager
-def terminal_stderr():
-    """sys.stderr on a pseudo-terminal (80 columns); yields a function returning what it showed."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    shown = bytearray()
-
-    def drain() -> None:  # keep the terminal's buffer from filling up
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            shown.extend(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    stream, before = open(slave, "w", buffering=1, closefd=False), sys.stderr
-
-    def text() -> str:
-        stream.flush()
-        time.sleep(0.2)  # for the reader
-        return shown.decode(errors="replace")
-
-    sys.stderr = stream
-    try:
-        yield text
-    finally:
-        sys.stderr = before
-        stream.close()
-        os.close(slave)
-        reader.join(timeout=5)
-        os.close(master)
 
 
 def _last_count(text: str) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from uqdm.options import DEFAULT_LAYERS
 from uqdm.released import import_official
 
 from compressai_format import PUBLISHED_JPEG, compressai_plot_reads, write_published
+from terminal import terminal_stderr
 
 
 @pytest.fixture(scope="module")
@@ -460,6 +461,21 @@ def test_evaluate_with_one_layer_per_step_scores_the_step_points_only(tmp_path, 
     points, layers = results["uqdm"]["points"], results["uqdm"]["layer_points"]
     assert [p["bpp_file"] for p in layers] == pytest.approx([p["bpp_file"] for p in points])
     assert parse((out / "files" / "0.uqdm").read_bytes()).header.layers == 1
+
+
+def test_evaluate_draws_its_bars_on_a_terminal_only_and_not_with_quiet(tmp_path, ckpt, capsys):
+    """As `uqdm compress`: bars on stderr when it is a terminal, nothing of them on a pipe or with -q."""
+    np.save(tmp_path / "images.npy", random_images(1, 16).permute(0, 2, 3, 1).numpy())
+    args = ["evaluate", "--ckpt", str(ckpt), "--images", str(tmp_path / "images.npy"), "--methods", "denoise",
+            "--codecs", "none", "--tile", "16", "--layers", "1", "--out", str(tmp_path / "out")]
+    main(args)  # stderr captured by pytest: not a terminal
+    assert capsys.readouterr().err == ""
+    with terminal_stderr() as shown:
+        main(args)
+        assert "UQDM files: 100%" in shown(), shown()
+    with terminal_stderr() as shown:
+        main([*args, "-q"])
+        assert shown() == ""
 
 
 def test_the_compressai_rule_reads_published_files_and_refuses_the_old_uqdm_keys(tmp_path):

@@ -1,4 +1,5 @@
-"""`uqdm evaluate`: argument parsing, input checks and progress bars; the work is in `pipeline`."""
+"""`uqdm evaluate`: argument parsing, input checks and progress bars (on stderr when it is a terminal
+and `--quiet` is not given, as the codec commands' `uqdm.progress.visible`); the work is in `pipeline`."""
 
 import argparse
 import sys
@@ -13,6 +14,7 @@ from uqdm.diffusion import UQDM
 from uqdm.errors import UQDMError
 from uqdm.images import box_resize_center_crop, load_images
 from uqdm.options import DEFAULT_LAYERS, RECONSTRUCTIONS
+from uqdm.progress import visible
 from uqdm.weights import load_model
 
 from .classical import CODECS
@@ -81,6 +83,8 @@ def register(subparsers) -> None:
                    "the encoder's pictures (by default each image is walked once, with no decoding times)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--csv", metavar="FILE", help="also write the per-image rows as one CSV table")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (drawn on stderr only when it is a terminal)")
     p.set_defaults(run=run)
 
 
@@ -128,12 +132,13 @@ def run(args) -> None:
                 lpips = load_lpips(args.lpips_weights)
             except WeightsUnavailable as e:
                 warn(str(e))
-    bars = []
+    bars, shown = [], visible(args.quiet)
 
     def progress(description: str, total: int, unit: str):
         if bars:
             bars[-1].close()
-        bars.append(tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True))
+        bars.append(tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                         disable=not shown))
         return bars[-1].update
 
     try:
