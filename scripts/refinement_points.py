@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from uqdm.codec import coder
-from uqdm.codec.codec import _coded_steps, _show, _top, codec_model
+from uqdm.codec.codec import _coded_steps, _layouts, _show, _top, codec_model
 from uqdm.codec.container import Header
 from uqdm.codec.layers import Refinement
 from uqdm.evaluation.quality import psnr_per_image
@@ -313,7 +313,7 @@ def main() -> None:
     images = [box_resize_center_crop(load_image(p), 64) for p in paths]
     results = []
     for n, image in enumerate(images):
-        with torch.inference_mode():
+        with torch.inference_mode(), net.network.arranged(_layouts([Header(bytes(8), *image.shape[1:], 64, 1, 1, 0)])):
             results.append(run_image(net, image, n, L, schemes, args.code))
         print(f"image {n}: widths {results[-1]['widths']}", flush=True)
         if args.code:
