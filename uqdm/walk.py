@@ -86,3 +86,4 @@ class Walk:
             if node.z_s is None:
                 raise RuntimeError(f"the walk's consumer chose no z_s at step {i + 1}")
             self.z = node.z_s
+            del node, prior  # not held through the next step's network call

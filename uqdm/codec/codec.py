@@ -45,7 +45,8 @@ class Decoded:
     """A decoded file: the picture at its last truncation point, and optionally all of them.
 
     `points[p]` is the picture after p layers (p = 0: z₁ only; p = T·L + 1: the exact image).
-    `ideal_bits[n]` is −log₂ of layer n's symbols' probabilities under the (unquantised) model.
+    `ideal_bits[n]` is −log₂ of layer n's symbols' probabilities under the (unquantised) model
+    (empty when decoded without `ideal`).
     """
 
     header: Header
@@ -166,12 +167,14 @@ def _shared(headers: list[Header], channels: int, draw: Callable[[int, tuple[int
     return torch.cat([draw(h.seed, (s.stop - s.start, channels, h.tile, h.tile)) for h, s in zip(headers, spans)])
 
 
-def _coded_steps(net: UQDM, walk: Walk, headers: list[Header], channels: int
+def _coded_steps(net: UQDM, walk: Walk, headers: list[Header], channels: int, ideal: bool
                  ) -> Iterator[tuple[Node, Tensor, list[tables.StepModel]]]:
-    """The walk's steps, each with the shared dither u and every image's entropy model of k.
+    """The walk's steps, each with the shared dither u and every image's entropy model of k (with
+    the prior's unrounded std when `ideal`: for ideal bits).
 
     Encoder and decoder both call this: their priors, dithers and tables are made by the same code.
-    The consumer sets each node's z_s (`node.quantize(k, u)`).
+    The consumer sets each node's z_s (`node.quantize(k, u)`). Nothing of a step is held here once
+    the consumer asks for the next (a large image's per-symbol state is not kept twice).
     """
     device = next(net.parameters()).device
     spans = _spans(headers)
@@ -181,7 +184,10 @@ def _coded_steps(net: UQDM, walk: Walk, headers: list[Header], channels: int
             raise UQDMError(f"the model's prior is not finite at step {node.i + 1}; is the checkpoint broken?")
         u = _shared(headers, channels, lambda seed, shape: randomness.dither(seed, node.i, shape)).to(device)
         std, delta, u_cpu = prior.std.cpu(), node.step.delta.cpu(), u.cpu()
-        yield node, u, [tables.step_model(std[span], delta, u_cpu[span], net.prior_type) for span in spans]
+        models = [tables.step_model(std[span], delta, u_cpu[span], net.prior_type, ideal) for span in spans]
+        del prior, std, u_cpu
+        yield node, u, models
+        del node, u, models
 
 
 def _top(net: UQDM, headers: list[Header], channels: int) -> Tensor:
@@ -295,16 +301,17 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
     spans = _spans(headers)
     device = next(net.parameters()).device
     x_raw = torch.cat([to_tiles(im, tile) for im in images])
-    x = to_centered(x_raw).to(device, torch.float64)
     chunks: list[list[bytes]] = [[] for _ in images]
     coded = on_chunk or (lambda c: None)
     coded(0)
     walk = Walk(net, _top(net, headers, channels), stop=min(n_chunks, T))
     steps_taken = []  # per step: the node, u and each image's layer bits and partial indices, for the report
     with net.network.arranged(_layouts(headers)):  # the coding windows of every image
-        for node, u, models in _coded_steps(net, walk, headers, channels):
+        for node, u, models in _coded_steps(net, walk, headers, channels, ideal=methods is not None):
+            x = to_centered(x_raw).to(device, torch.float64)
             k = quantization_index(net.posterior_mean(x, node.z_t, node.step), node.prior.mean, node.step.delta, u)
-            k_cpu = k.to("cpu", torch.int64)
+            del x
+            k_cpu = k.cpu()  # integers, float64 (`Refinement.values` takes them as they are)
             shown = []  # per image: each layer's ideal bits, and the indices after layers 1 … L − 1
             for n, span in enumerate(spans):
                 k_flat, refinement, bits, fills = k_cpu[span].flatten(), Refinement(models[n], layers), [], []
@@ -319,6 +326,7 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
             if methods is not None:
                 steps_taken.append((node, u, shown))
             coded(node.i + 1)
+            del node, u, models, k, k_cpu, k_flat, refinement, shown
         z = walk.z
         if n_chunks > T:
             for n, span in enumerate(spans):
@@ -354,7 +362,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
                all_points: bool = False, batch_tiles: int = BATCH_TILES,
                on_point: Callable[[int, Tensor], None] | None = None,
                on_chunk: Callable[[int], None] | None = None,
-               on_tiles: Callable[[int], None] | None = None, blend: bool = True) -> Decoded:
+               on_tiles: Callable[[int], None] | None = None, blend: bool = True, ideal: bool = True) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
@@ -366,7 +374,8 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     made, as with `all_points`). `on_chunk(c)` and `on_tiles(n)` report progress as in `compress`
     (c chunks decoded; n windows through the network). `blend`: the pictures of lossy points blend
     overlapping windows (`windows`); without it, each pixel comes from one tile-sized window, as
-    the coding does.
+    the coding does. `ideal`: also each layer's ideal bits (`Decoded.ideal_bits`; without, empty:
+    they take a pass over the lossless step's 256-way likelihood and per-symbol state).
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -390,7 +399,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     if n_records > held:
         raise UQDMError(f"the file holds {held} complete layers; cannot decode {steps} chunks of {L} layers")
     channels = net.network.n_channels
-    ideal: list[float] = []
+    layer_bits: list[float] = []
     pictures: list[Tensor] = []
 
     def shown(image: Tensor) -> None:
@@ -408,7 +417,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
         if steps_run == 0 and header.mode == "fast":  # the encoder's first network call, at z₁
             net.prior(walk.z, net.step(0))
             _verify(net, header)
-        for node, u, (step_model,) in _coded_steps(net, walk, [header], channels):
+        for node, u, (step_model,) in _coded_steps(net, walk, [header], channels, ideal):
             if node.i == 0:
                 _verify(net, header)
             if every_point:
@@ -418,23 +427,27 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
             for l in range(1, received + 1):
                 record = node.i * L + l
                 values = coder.decode(refinement.layer(), container.layers[record - 1], header.describe(record))
-                ideal.append(refinement.receive(values))
+                bits = refinement.receive(values, bits=ideal)
+                if ideal:
+                    layer_bits.append(bits)
                 if every_point and l < (received if received < L else L):
                     shown(_show(net, header, method, node.i + 1, _partial_latent(node, u, everything, refinement.fill()),
                                 None, blend))
             k = refinement.fill()
             node.quantize(k.view(node.z_t.shape).to(node.z_t.device, node.z_t.dtype), u)
             decoded(node.i + 1)
+            del node, u, step_model, refinement, k
     z = walk.z
     if n_records < header.n_records or every_point:
         shown(_show(net, header, method, steps_run, z, None, blend))
     if n_records == header.n_records:
         model_0 = _lossless_model(net, z)
         x_raw = coder.decode(model_0, container.layers[-1], header.describe(n_records)).view(z.shape)
-        ideal.append(_lossless_ideal_bits(net, x_raw, z))
+        if ideal:
+            layer_bits.append(_lossless_ideal_bits(net, x_raw, z))
         decoded(T + 1)
         shown(from_tiles(x_raw.to(torch.uint8), header.height, header.width))
-    return Decoded(header, pictures[-1], pictures if all_points else None, ideal)
+    return Decoded(header, pictures[-1], pictures if all_points else None, layer_bits)
 
 
 def _lossless_ideal_bits(net: UQDM, x_raw: Tensor, z_0: Tensor) -> float:

@@ -295,7 +295,7 @@ def run_decompress(args) -> None:
                 _memory_hint(f"decompressing {path}", args.batch_tiles):
             decoded = decompress(model, data, steps=args.steps, method=args.method,
                                  all_points=args.all_steps is not None, batch_tiles=args.batch_tiles,
-                                 on_chunk=progress[0], on_tiles=progress[1])
+                                 on_chunk=progress[0], on_tiles=progress[1], ideal=False)
         save_png(decoded.image, outputs[n])
         if args.all_steps is not None:
             for p, picture in enumerate(decoded.points):

@@ -39,7 +39,7 @@ from .exact import det_cdf
 from .tables import Segment, StepModel, interval_log_mass, scale_value
 
 SLOPE_STEPS = 16  # slope keys: round(16·log₂ of the variance removed per bit)
-KEY_LIMIT = 1 << 20
+KEY_LIMIT = (1 << 15) - 1  # above every slope key of float64 (|16·log₂| < 17,200): an int16
 ENTRIES = 1 << 16  # table entries handled at once
 
 
@@ -120,7 +120,9 @@ def _stage_costs(g: _Group) -> tuple[Tensor, Tensor]:
 
 def _increments(D: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps along each row's lower convex hull of (R_m, D_m) from stage 0 to the last: (row,
-    stage reached, slope key, bits in 1/16 bit). A step that costs no expected bits gets the top key."""
+    stage reached, slope key, bits in 1/16 bit), compact (int16, int8, int16, int16: a group has
+    fewer than 2^15 rows, a step's expected bits are at most log₂(2R + 1) < 10). A step that
+    costs no expected bits gets the top key."""
     rows, stages, keys, bits = [], [], [], []
     last = D.shape[1] - 1
     at = torch.zeros(len(D), 1, dtype=torch.long)
@@ -140,38 +142,76 @@ def _increments(D: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         nxt = nxt.squeeze(1)
         rows.append(every[live]), stages.append(nxt[live]), keys.append(key[live].long()), bits.append(cost[live].long())
         at = torch.where(live, nxt, at.squeeze(1))[:, None]
-    return torch.cat(rows), torch.cat(stages), torch.cat(keys), torch.cat(bits)
+    return (torch.cat(rows).to(torch.int16), torch.cat(stages).to(torch.int8), torch.cat(keys).to(torch.int16),
+            torch.cat(bits).to(torch.int16))
 
 
 def plan(model: StepModel, n_layers: int, groups: list[_Group] | None = None) -> Tensor:
-    """plan[n, l]: the stage symbol n has reached after layer l (after the last: the exact stage,
-    `len(ladder(R))`)."""
+    """plan[n, l] (int8): the stage symbol n has reached after layer l (after the last: the exact
+    stage, `len(ladder(R))`).
+
+    An increment's layer is ⌊B·L / total⌋, B the bits of the increments before it in the order
+    (key descending, then symbol, then stage): B = (bits of every larger key) + (bits of its own
+    key earlier in symbol order). The first term comes from a table of bits per key; the second
+    is needed only for the few keys whose increments straddle a layer boundary, so no step-wide
+    sort of all increments is made (each group keeps its increments compactly between the passes).
+    """
     if n_layers < 1:
         raise ValueError(f"the number of layers must be at least 1, got {n_layers}")
-    rows, stages, keys, bits = [], [], [], []
-    exact = torch.zeros(len(model), dtype=torch.long)
-    for g in _groups(model) if groups is None else groups:
-        row, stage, key, cost = _increments(*_stage_costs(g))
-        rows.append(g.index[row]), stages.append(stage), keys.append(key), bits.append(cost)
-        exact[g.index] = g.stages
-    rows, stages, keys, bits = map(torch.cat, (rows, stages, keys, bits))
-    by_symbol = torch.argsort(rows * (int(exact.max()) + 1) + stages)
-    order = by_symbol[torch.sort(-keys[by_symbol], stable=True).indices]
-    cost = bits[order]
-    before = torch.cumsum(cost, 0) - cost
-    layer = torch.div(before * n_layers, cost.sum().clamp_min(1), rounding_mode="floor")
-    reached = torch.zeros(len(model) * n_layers, dtype=torch.long)
-    reached.scatter_reduce_(0, rows[order] * n_layers + layer, stages[order], "amax")
-    reached = torch.cummax(reached.view(len(model), n_layers), 1).values
-    reached[:, -1] = exact
+    groups = _groups(model) if groups is None else groups
+    found = [_increments(*_stage_costs(g)) for g in groups]
+    keys, per_key = _bits_per_key([(key, cost) for _, _, key, cost in found])
+    total = int(per_key.sum().clamp_min(1))
+    above = per_key.flip(0).cumsum(0).flip(0) - per_key  # bits of the larger keys
+    first, last = (above * n_layers) // total, ((above + per_key - 1) * n_layers) // total
+    earlier = _earlier_bits_of_own_key(groups, found, keys[first != last])
+    reached = torch.empty(len(model), n_layers, dtype=torch.int8)
+    for n, (g, (row, stage, key, _)) in enumerate(zip(groups, found)):
+        before = above[torch.searchsorted(keys, key)]
+        if n in earlier:
+            before[earlier[n][0]] += earlier[n][1]
+        mine = torch.zeros(len(g.index) * n_layers, dtype=torch.long)
+        mine.scatter_reduce_(0, row.long() * n_layers + (before * n_layers) // total, stage.long(), "amax")
+        mine = torch.cummax(mine.view(len(g.index), n_layers), 1).values
+        mine[:, -1] = g.stages
+        reached[g.index] = mine.to(torch.int8)
     return reached
+
+
+def _bits_per_key(found: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The distinct keys (ascending) of all increments, and the bits of each key's increments."""
+    distinct, sums = [], []
+    for key, cost in found:
+        k, at = torch.unique(key, return_inverse=True)
+        distinct.append(k), sums.append(torch.zeros(len(k), dtype=torch.long).index_add_(0, at, cost.long()))
+    keys, at = torch.unique(torch.cat(distinct), return_inverse=True)
+    return keys, torch.zeros(len(keys), dtype=torch.long).index_add_(0, at, torch.cat(sums))
+
+
+def _earlier_bits_of_own_key(groups: list[_Group], found: list, straddling: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """For the increments whose key is in `straddling`: the bits of the increments of the same key
+    that come earlier by (symbol, stage), as {group: (positions in its increments, bits)}."""
+    if not len(straddling):
+        return {}
+    parts = []  # (group, position in the group's increments, symbol, stage, key, bits)
+    for n, (g, (row, stage, key, cost)) in enumerate(zip(groups, found)):
+        at = torch.nonzero(torch.isin(key, straddling)).squeeze(1)
+        parts.append((torch.full_like(at, n), at, g.index[row[at].long()], stage[at].long(), key[at].long(), cost[at].long()))
+    group, at, symbol, stage, key, cost = map(torch.cat, zip(*parts))
+    order = torch.argsort(symbol * (int(stage.max()) + 1) + stage)
+    order = order[torch.sort(key[order], stable=True).indices]  # by key, then (symbol, stage)
+    group, at, key, cost = group[order], at[order], key[order], cost[order]
+    earlier = torch.cumsum(cost, 0) - cost
+    earlier -= earlier[torch.searchsorted(key, key)]  # from each key's first increment
+    return {n: (at[group == n], earlier[group == n]) for n in torch.unique(group).tolist()}
 
 
 @dataclass
 class _Rows:
     """The symbols `rows` (within group `g`) that a layer advances to stage `target`, and their
     candidate cells, the stage-`target` cells inside their known cell: `count` of them, the c-th
-    spanning the table entries first[:, c] … last[:, c] (padded with the last entry)."""
+    spanning the table entries first[:, c] … last[:, c] (padded with the last entry; int16, as
+    entries are at most 2R, so that a layer's candidates of a whole image stay small)."""
 
     g: _Group
     rows: Tensor
@@ -197,12 +237,13 @@ class Refinement:
         self.groups = _groups(model)
         self.plan = plan(model, n_layers, self.groups)
         n = len(model)
-        self.stage = torch.zeros(n, dtype=torch.long)
-        self.lo = torch.zeros(n, dtype=torch.long)  # the known cell: entries lo … hi of the symbol's table
-        self.hi = 2 * model.ranges
+        self.stage = torch.zeros(n, dtype=torch.int8)
+        self.lo = torch.zeros(n, dtype=torch.int32)  # the known cell: entries lo … hi of the symbol's table
+        self.hi = (2 * model.ranges).to(torch.int32)
         self.excess = torch.zeros(n, dtype=torch.long)  # of the symbols now exact
         self.exact = self.plan[:, -1]
-        self.log_mass = torch.zeros(n, dtype=torch.float64)  # of each known cell under the unquantised prior
+        # of each known cell under the unquantised prior (for ideal bits: when the model has its std)
+        self.log_mass = None if model.std is None else torch.zeros(n, dtype=torch.float64)
         self.layer_index = 0
         self._next: list[_Rows] | None = None
 
@@ -212,9 +253,9 @@ class Refinement:
         return self._next
 
     def _group_rows(self, g: _Group) -> _Rows:
-        target = self.plan[g.index, self.layer_index]
+        target = self.plan[g.index, self.layer_index].long()
         rows = torch.nonzero(target > self.stage[g.index]).squeeze(1)
-        lo, hi = self.lo[g.index[rows], None], self.hi[g.index[rows], None]
+        lo, hi = self.lo[g.index[rows], None].long(), self.hi[g.index[rows], None].long()
         bound = g.bounds(g.x(rows))[target[rows], torch.arange(len(rows))]  # rows × 2r: at the target stage
         cell = _cells(bound)  # the known cell spans lo … hi
         c_lo = cell.gather(1, lo)
@@ -225,7 +266,7 @@ class Refinement:
         valid = c < count[:, None]
         first = torch.where(valid, torch.searchsorted(cell, ids), hi)
         last = torch.where(valid, torch.searchsorted(cell, ids, right=True) - 1, hi)
-        return _Rows(g, rows, target[rows], count, first, last)
+        return _Rows(g, rows, target[rows].to(torch.int8), count, first.to(torch.int16), last.to(torch.int16))
 
     def layer(self) -> "LayerModel":
         """The entropy model of the next layer's values."""
@@ -255,10 +296,11 @@ class Refinement:
             at += len(part.rows)
             cand = torch.minimum(v.clamp_min(0), part.count - 1)
             n = part.g.index[part.rows]
-            lo, hi = part.first.gather(1, cand[:, None]).squeeze(1), part.last.gather(1, cand[:, None]).squeeze(1)
+            lo, hi = (part.first.gather(1, cand[:, None]).squeeze(1).long(),
+                      part.last.gather(1, cand[:, None]).squeeze(1).long())
             exact = part.target == part.g.stages
             excess = torch.where(exact, v - cand, 0)
-            self.lo[n], self.hi[n], self.excess[n] = lo, hi, excess
+            self.lo[n], self.hi[n], self.excess[n] = lo.to(torch.int32), hi.to(torch.int32), excess
             if bits:
                 log_mass = interval_log_mass(self.model.std[n], *_interval(part.g, part.rows, lo, hi, excess, exact),
                                              self.model.prior_type)
@@ -275,7 +317,7 @@ class Refinement:
             return (self.lo - self.model.ranges + self.excess).double()
         k = torch.empty(len(self.model), dtype=torch.float64)
         for g in self.groups:
-            lo, hi = self.lo[g.index, None], self.hi[g.index, None]
+            lo, hi = self.lo[g.index, None].long(), self.hi[g.index, None].long()
             e = torch.arange(2 * g.r + 1)[None, :]
             x = g.x()
             P = torch.diff(g.cdf(x=x), dim=1) * ((e >= lo) & (e <= hi))
@@ -317,7 +359,7 @@ class LayerModel:
         for p in self.parts:
             C = p.g.cdf(p.rows)
             valid = torch.arange(p.first.shape[1])[None, :] < p.count[:, None]
-            mass = torch.where(valid, C.gather(1, p.last + 1) - C.gather(1, p.first), 0.0)
+            mass = torch.where(valid, C.gather(1, p.last.long() + 1) - C.gather(1, p.first.long()), 0.0)
             opens = p.exact_ends()
             for w in torch.unique(p.count).tolist():
                 rows = torch.nonzero(p.count == w).squeeze(1)

@@ -54,22 +54,22 @@ class Segment:
 
 
 def scale_index(scale: Tensor) -> Tensor:
-    """j = round(16·log₂ a), clipped to ±20 octaves: the integer the tables are built from."""
+    """j = round(16·log₂ a), clipped to ±20 octaves: the integer the tables are built from (int16)."""
     j = torch.round(SCALE_STEPS * torch.log2(scale.clamp_min(1e-300)))
-    return j.clamp(-SCALE_INDEX_LIMIT, SCALE_INDEX_LIMIT).to(torch.int64)
+    return j.clamp(-SCALE_INDEX_LIMIT, SCALE_INDEX_LIMIT).to(torch.int16)
 
 
 def scale_value(j: Tensor) -> Tensor:
     """a_j = 2^(j/16)."""
-    return pow2(j * ((1 << EXP2_BITS) // SCALE_STEPS))
+    return pow2(j.long() * ((1 << EXP2_BITS) // SCALE_STEPS))
 
 
 def half_width(j: Tensor, prior_type: str) -> Tensor:
-    """R(j): the smallest entry of `RANGES` with R ≥ TAIL·a_j + 1."""
+    """R(j): the smallest entry of `RANGES` with R ≥ TAIL·a_j + 1 (int16)."""
     need = TAIL[prior_type] * scale_value(j) + 1
     ranges = torch.tensor(RANGES, dtype=torch.float64)
     pick = torch.searchsorted(ranges, need).clamp(max=len(RANGES) - 1)
-    return torch.tensor(RANGES, dtype=torch.int64)[pick]
+    return torch.tensor(RANGES, dtype=torch.int16)[pick]
 
 
 def _slices(index: Tensor, width: int) -> Iterator[Tensor]:
@@ -89,7 +89,7 @@ class StepModel:
 
     def __init__(self, u: Tensor, j: Tensor, prior_type: str, std: Tensor | None = None):
         self.u, self.j, self.prior_type = u, j, prior_type
-        self.ranges = half_width(j, prior_type)
+        self.ranges = torch.cat([half_width(part, prior_type) for part in j.split(TABLE_ENTRIES)])
         self.std = std  # the prior's std in units of Δ, unrounded: for ideal bits only
 
     def __len__(self) -> int:
@@ -154,14 +154,16 @@ class LosslessModel:
         return torch.zeros(len(index), VOCAB_SIZE, dtype=torch.float64).scatter_add_(1, k, p).numpy()
 
 
-def step_model(std: Tensor, delta: Tensor, u: Tensor, prior_type: str) -> StepModel:
-    """The entropy model of one step's k for one image, from the prior's std, Δ and the dither.
+def step_model(std: Tensor, delta: Tensor, u: Tensor, prior_type: str, ideal: bool = True) -> StepModel:
+    """The entropy model of one step's k for one image, from the prior's std, Δ and the dither
+    (keeping the unrounded std/Δ when `ideal`: for ideal bits).
 
-    The only input that carries network noise, the scale a = scale(g)/Δ, is rounded to `j`.
-    Encoder and decoder both call this.
+    The only input that carries network noise, the scale a = scale(g)/Δ, is rounded to `j` (in
+    slices: no whole-image temporaries). Encoder and decoder both call this.
     """
-    scale = base_distribution(prior_type, std).scale / delta
-    return StepModel(u.flatten(), scale_index(scale.flatten()), prior_type, (std / delta).flatten())
+    std = std.flatten()
+    j = torch.cat([scale_index(base_distribution(prior_type, part).scale / delta) for part in std.split(TABLE_ENTRIES)])
+    return StepModel(u.flatten(), j, prior_type, std / delta if ideal else None)
 
 
 def lossless_model(z_0: Tensor, alpha_0: Tensor, gamma_0: Tensor) -> LosslessModel:
