@@ -58,17 +58,46 @@ def test_the_bar_is_drawn_only_on_a_terminal_and_not_with_quiet(capsys):
 
 def test_a_task_advances_by_its_steps_when_it_ends_and_goes_back_when_it_fails():
     with terminal_stderr() as shown, Progress(2 * 3 + 3, "test", quiet=False) as bar:
-        with bar.task(2, 3, 8) as (on_chunk, on_tiles):  # two inputs of three chunks, eight tiles
+        with bar.task(2, 3) as (on_chunk, on_windows):  # two inputs of three chunks
             on_chunk(0), on_chunk(1)
             time.sleep(0.15)
-            on_tiles(3)
-            assert _last_count(shown()) == (2, 9) and shown().endswith("tiles 3/8]"), shown()  # within a step
-            on_tiles(5), on_chunk(2)
-        assert _last_count(shown()) == (6, 9) and shown().endswith("tiles 0/8]"), shown()
-        with pytest.raises(RuntimeError), bar.task(1, 3, 1) as (on_chunk, on_tiles):
+            on_windows(3, 18)
+            assert _last_count(shown()) == (2, 9) and shown().endswith("windows 3/18]"), shown()  # within a step
+            on_windows(18, 18), on_chunk(2)
+        assert _last_count(shown()) == (6, 9) and "windows" not in shown().rsplit("\r", 1)[-1], shown()
+        with pytest.raises(RuntimeError), bar.task(1, 3) as (on_chunk, on_windows):
             on_chunk(1)
             raise RuntimeError("the codec call failed")
         assert _last_count(shown()) == (6, 9)
+
+
+def _passes(calls: list[tuple[int, int]]) -> list[int]:
+    """The totals of the network passes that `on_windows(done, total)` reported, each checked to
+    count up to its own total before the next one begins."""
+    passes, done_before, total_before = [], 0, 0
+    for done, total in calls:
+        if done_before == total_before:  # the last pass ended: a new one
+            passes.append(total)
+            done_before = 0
+        assert total == passes[-1] and done_before < done <= total, calls
+        done_before, total_before = done, total
+    assert done_before == total_before, calls
+    return passes
+
+
+def test_the_window_count_is_of_the_pass_under_way(module, one_thread):
+    """On the shifted grid an odd step runs more windows than tiles (one more per shifted axis),
+    and the pictures of lossy points blend over four grids: each pass counts to its own total."""
+    image = torch.randint(0, 256, (3, 6, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    data = uqdm.codec.codec.compress(module.model, [image], tile=TILE, grid_kind="shifted",
+                                     on_windows=lambda done, total: calls.append((done, total)))[0]
+    assert _passes(calls) == [2 * 2, 3 * 3]  # 2×2 tiles: step 0 on the tiles, step 1 on the shifted grid
+    calls.clear()
+    uqdm.codec.codec.decompress(module.model, data, all_points=True,
+                                on_windows=lambda done, total: calls.append((done, total)))
+    blended = 2 * 2 + 2 * 3 + 3 * 2 + 3 * 3
+    assert set(_passes(calls)) == {2 * 2, 3 * 3, blended}
 
 
 def test_compress_and_decompress_draw_a_bar_on_a_terminal_only(ckpt, tmp_path, one_thread):
@@ -78,7 +107,7 @@ def test_compress_and_decompress_draw_a_bar_on_a_terminal_only(ckpt, tmp_path, o
                      "--tile", str(TILE)]) == 0
         drawn = shown()
     assert "compress: " in drawn and _last_count(drawn) == (6, 6), drawn  # 2 images × (T = 2, + lossless)
-    assert re.search(r"tiles [1-8]/8\]", drawn), drawn  # 2 × 2 tiles of 4×4 in each 6×5 image, coded together
+    assert re.search(r"windows [1-8]/8\]", drawn), drawn  # 2 × 2 tiles of 4×4 in each 6×5 image, coded together
 
     files = [str(tmp_path / "c" / f"{name}.uqdm") for name in "ab"]
     with terminal_stderr() as shown:

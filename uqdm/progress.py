@@ -1,7 +1,10 @@
-"""The codec commands' progress bar: the steps coded or decoded, and the tiles of the step in progress.
+"""The codec commands' progress bar: the steps coded or decoded, and the windows of the network
+pass in progress.
 
 The bar counts an input's step as one unit: `uqdm compress` of N images of K chunks each runs to
-N·K. It is drawn on stderr only when stderr is a terminal and `--quiet` is not given (`visible`);
+N·K. Within a step it shows the windows the score network has run of the pass under way against
+the pass's own total (`windows.Windowed`: coding a step is one pass, over more windows than tiles
+on the shifted grid's odd steps; every picture of a lossy point is one or more passes of its own). It is drawn on stderr only when stderr is a terminal and `--quiet` is not given (`visible`);
 otherwise nothing at all is written by it, so scripts and pipes see the commands' plain output.
 While it is drawn, the command's own lines (stdout and stderr) are written above it.
 """
@@ -14,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
-REDRAW_SECONDS = 0.1  # the tile count is redrawn at most this often
+REDRAW_SECONDS = 0.1  # the window count is redrawn at most this often
 
 
 def visible(quiet: bool, stream=None) -> bool:
@@ -46,36 +49,30 @@ class Progress:
         self._drawn = time.monotonic()
 
     @contextlib.contextmanager
-    def task(self, inputs: int, chunks: int, tiles: int
-             ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-        """A codec call over `inputs` inputs of `chunks` chunks and `tiles` tiles in all: yields its
-        `on_chunk(c)` and `on_tiles(n)` callbacks. The bar advances by `inputs` per chunk and shows
-        the tiles that went through the network since the last chunk (redrawn at most every
-        REDRAW_SECONDS); when the call ends the bar has
-        advanced by inputs·chunks in all, and when it fails it goes back to where it was."""
-        seen, passed = 0, 0
-
-        def show_tiles(n: int) -> None:
-            nonlocal passed
-            passed = n
-            with self._lock:
-                self._bar.set_postfix_str(f"tiles {passed}/{tiles}", refresh=False)
+    def task(self, inputs: int, chunks: int) -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
+        """A codec call over `inputs` inputs of `chunks` chunks: yields its `on_chunk(c)` and
+        `on_windows(done, total)` callbacks. The bar advances by `inputs` per chunk and shows the
+        windows of the network pass under way (redrawn at most every REDRAW_SECONDS); when the call
+        ends the bar has advanced by inputs·chunks in all, and when it fails it goes back to where
+        it was."""
+        seen = 0
 
         def on_chunk(c: int) -> None:
             nonlocal seen
             if c > seen:
-                show_tiles(0)
+                with self._lock:
+                    self._bar.set_postfix_str("", refresh=False)
                 self._advance(inputs * (min(c, chunks) - seen))
                 seen = min(c, chunks)
 
-        def on_tiles(n: int) -> None:
-            show_tiles(min(passed + n, tiles))
+        def on_windows(done: int, total: int) -> None:
             with self._lock:
+                self._bar.set_postfix_str(f"windows {done}/{total}", refresh=False)
                 if time.monotonic() - self._drawn >= REDRAW_SECONDS:
                     self._draw()
 
         try:
-            yield on_chunk, on_tiles
+            yield on_chunk, on_windows
         except BaseException:
             self._advance(-inputs * seen)
             raise

@@ -137,12 +137,6 @@ def _layouts(headers: list[Header]) -> list[tuple[int, int]]:
     return [grid(h.height, h.width, h.tile) for h in headers]
 
 
-def _count_tiles(net: UQDM, on_tiles: Callable[[int], None] | None) -> None:
-    """Call `on_tiles(n)` after every call of the score network on n windows (progress display)."""
-    if on_tiles is not None:
-        net.network.network.network.register_forward_hook(lambda module, args, out: on_tiles(len(args[0])))
-
-
 def _verify(net: UQDM, header: Header) -> None:
     """In fast mode, refuse a file whose first network outputs hash differently here."""
     if header.mode == "fast" and net.network.network.check_value(slice(None)) != header.check:
@@ -243,20 +237,20 @@ def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: 
              tile: int = 64, batch_tiles: int = BATCH_TILES,
              on_chunk: Callable[[int], None] | None = None, layers: int = DEFAULT_LAYERS,
              lost: Sequence[Sequence[str]] | None = None, mode: str = DEFAULT_MODE,
-             grid_kind: str = DEFAULT_GRID, on_tiles: Callable[[int], None] | None = None) -> list[bytes]:
+             grid_kind: str = DEFAULT_GRID, on_windows: Callable[[int, int], None] | None = None) -> list[bytes]:
     """Compress uint8 C×H×W images (any sizes) into `.uqdm` files, coding all tiles together.
 
     `steps` = number of chunks: K ≤ T gives a lossy file of K steps; None (or T + 1) adds the
     lossless chunk. Each step's chunk is `layers` quality layers. `on_chunk(c)` is called once the
-    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet); `on_tiles(n)`
-    after every network call on n tiles (of all images together). `lost[n]` names
-    what image n lacks of the file it was read from (`uqdm.images.load_image_and_losses`),
-    recorded in its header. `mode`: "fast" or "portable" (see the module docstring); `grid_kind`:
+    first c chunks of every file are coded (c = 0: set-up done, nothing coded yet); `on_windows(done,
+    total)` as the network runs the windows of a pass (`windows.Windowed`, all images together: one
+    pass per step). `lost[n]` names what image n lacks of the file it was read from
+    (`uqdm.images.load_image_and_losses`), recorded in its header. `mode`: "fast" or "portable" (see the module docstring); `grid_kind`:
     "shifted" (the network's windows move by half a tile every other step) or "fixed" (see
     `windows`). Returns one file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
-                                    layers, mode, grid_kind, True, lost, on_tiles)]
+                                    layers, mode, grid_kind, True, lost, on_windows)]
 
 
 @torch.inference_mode()
@@ -280,13 +274,13 @@ def _encode(model: UQDM, images: list[Tensor], seeds: Sequence[int], steps: int 
             methods: Sequence[str] | None, tile: int, batch_tiles: int,
             on_chunk: Callable[[int], None] | None, layers: int, mode: str, grid_kind: str, blend: bool,
             lost: Sequence[Sequence[str]] | None = None,
-            on_tiles: Callable[[int], None] | None = None) -> list[Encoded]:
+            on_windows: Callable[[int, int], None] | None = None) -> list[Encoded]:
     """The encoder: one walk over every image's tiles; with `methods` (not None) also the pictures
     (blended or not) and ideal bits of `Encoded`."""
     fp = fingerprint(model)
     tiles = sum(math.prod(grid(im.shape[-2], im.shape[-1], tile)) for im in images)
     net = codec_model(model, batch_tiles, mode, tile, grid_kind, tiles)
-    _count_tiles(net, on_tiles)
+    net.network.on_windows = on_windows
     channels = _check_images(images, net.network.n_channels)
     T = net.n_timesteps
     n_chunks = _n_chunks(steps, T)
@@ -362,7 +356,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
                all_points: bool = False, batch_tiles: int = BATCH_TILES,
                on_point: Callable[[int, Tensor], None] | None = None,
                on_chunk: Callable[[int], None] | None = None,
-               on_tiles: Callable[[int], None] | None = None, blend: bool = True, ideal: bool = True) -> Decoded:
+               on_windows: Callable[[int, int], None] | None = None, blend: bool = True, ideal: bool = True) -> Decoded:
     """Decode a `.uqdm` file, or a prefix of one, to its last (or its `steps`-th) truncation point.
 
     A prefix ending inside a layer decodes its complete layers (with a warning); one ending after
@@ -371,11 +365,12 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
     ("denoise", "ancestral" or "flow_based"); `all_points` also returns the picture at every point
     (after every layer) up to there. `on_point(p, picture)` is called as soon as the picture of
     each point p (p layers) up to there is shown (progressive display; every point's picture is
-    made, as with `all_points`). `on_chunk(c)` and `on_tiles(n)` report progress as in `compress`
-    (c chunks decoded; n windows through the network). `blend`: the pictures of lossy points blend
-    overlapping windows (`windows`); without it, each pixel comes from one tile-sized window, as
-    the coding does. `ideal`: also each layer's ideal bits (`Decoded.ideal_bits`; without, empty:
-    they take a pass over the lossless step's 256-way likelihood and per-symbol state).
+    made, as with `all_points`). `on_chunk(c)` and `on_windows(done, total)` report progress as in
+    `compress` (c chunks decoded; `done` of the `total` windows of a network pass run; each picture
+    is passes of its own). `blend`: the pictures of lossy points blend overlapping windows
+    (`windows`); without it, each pixel comes from one tile-sized window, as the coding does.
+    `ideal`: also each layer's ideal bits (`Decoded.ideal_bits`; without, empty: they take a pass
+    over the lossless step's 256-way likelihood and per-symbol state).
 
     Raises:
         UQDMError: a corrupt file, a file of another model, or `steps` beyond the file's chunks.
@@ -389,7 +384,7 @@ def decompress(model: UQDM, data: bytes, steps: int | None = None, method: str =
                         f"this model's is {fp.hex()}); pass the checkpoint it was compressed with")
     net = codec_model(model, batch_tiles, header.mode, header.tile, header.grid,
                       math.prod(grid(header.height, header.width, header.tile)))
-    _count_tiles(net, on_tiles)
+    net.network.on_windows = on_windows
     T = net.n_timesteps
     if header.n_timesteps != T:
         raise UQDMError(f"the file's header names T = {header.n_timesteps} steps but the model has {T}; "

@@ -247,12 +247,11 @@ def _compress_group(model, group: list, args, outputs: list[Path], job: BatchJob
 
     names = ", ".join(args.images[i] for i, _ in group)
     try:
-        tiles = sum(_tiles(*loaded.image.shape[1:], args.tile) for _, loaded in group)
-        with bar.task(len(group), chunks, tiles) as (on_chunk, on_tiles), _memory_hint(f"compressing {names}", args.batch_tiles):
+        with bar.task(len(group), chunks) as (on_chunk, on_windows), _memory_hint(f"compressing {names}", args.batch_tiles):
             files = compress(model, [loaded.image for _, loaded in group], steps=args.steps, seed=args.seed,
                              tile=args.tile, batch_tiles=args.batch_tiles, layers=args.layers,
                              lost=[loaded.lost for _, loaded in group], mode=args.mode,
-                             on_chunk=on_chunk, on_tiles=on_tiles, grid_kind=args.grid)
+                             on_chunk=on_chunk, on_windows=on_windows, grid_kind=args.grid)
     except UQDMError as error:
         if len(group) == 1:
             return job.fail(error, args.images[group[0][0]])
@@ -289,13 +288,11 @@ def run_decompress(args) -> None:
     def decode(n: int) -> None:
         path = args.files[n]
         data = _read(path)
-        header, _ = parse_header(data)
-        tiles = _tiles(header.height, header.width, header.tile)
-        with _torch_threads(1 if workers > 1 else threads, threads), bar.task(1, chunks, tiles) as progress, \
+        with _torch_threads(1 if workers > 1 else threads, threads), bar.task(1, chunks) as progress, \
                 _memory_hint(f"decompressing {path}", args.batch_tiles):
             decoded = decompress(model, data, steps=args.steps, method=args.method,
                                  all_points=args.all_steps is not None, batch_tiles=args.batch_tiles,
-                                 on_chunk=progress[0], on_tiles=progress[1], ideal=False)
+                                 on_chunk=progress[0], on_windows=progress[1], ideal=False)
         save_png(decoded.image, outputs[n])
         if args.all_steps is not None:
             for p, picture in enumerate(decoded.points):

@@ -26,7 +26,7 @@ The network sees t×t windows (64×64 for the released models, its training size
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -71,6 +71,7 @@ def window_weight(tile: int, dtype: torch.dtype) -> Tensor:
 
 
 Output = tuple[Tensor, Tensor | None]
+Place = tuple[int, int, int, tuple[int, int], tuple[int, int]]  # grid, top, left, kept rows, kept columns
 
 
 class Windowed(nn.Module):
@@ -80,6 +81,8 @@ class Windowed(nn.Module):
     and returns the network's outputs in the same order; besides them it holds one image's canvas
     of outputs and `batch` windows at a time. The step is recognised by its γ_t
     (`gammas[i]` is step i's: the codec computes them with the same code on both sides).
+    `on_windows(done, total)`, when set, is called after every `batch` windows of a pass (one
+    `forward`) with the windows run so far in the pass and the pass's total (progress display).
     """
 
     def __init__(self, network: nn.Module, tile: int, gammas: Sequence[float], shifted: bool = True,
@@ -92,6 +95,7 @@ class Windowed(nn.Module):
             raise ValueError("two steps of the schedule have the same γ_t; the grids cannot tell them apart")
         self.layout: list[tuple[int, int]] = []
         self.blend = False
+        self.on_windows: Callable[[int, int], None] | None = None
 
     @contextmanager
     def arranged(self, layout: Sequence[tuple[int, int]], blend: bool = False) -> Iterator[None]:
@@ -112,15 +116,32 @@ class Windowed(nn.Module):
             raise RuntimeError(f"γ_t = {float(gamma_t)} is not one of the model's steps")
         return [step_offset(step, rows, cols, self.tile) if self.shifted else (0, 0)]
 
+    def _places(self, rows: int, cols: int, gamma_t: Tensor) -> list[Place]:
+        """The windows of one image of rows×cols tiles, grid after grid."""
+        t, places = self.tile, []
+        for g, (oy, ox) in enumerate(self._offsets(gamma_t, rows, cols)):
+            ys, xs = _axis(rows * t, t, oy), _axis(cols * t, t, ox)
+            places += [(g, y, x, ky, kx) for y, ky in zip(*ys) for x, kx in zip(*xs)]
+        return places
+
     def forward(self, z: Tensor, gamma_t: Tensor) -> Output:
         t = self.tile
         if sum(r * c for r, c in self.layout) != len(z):
             raise RuntimeError(f"{len(z)} tiles do not match the layout {self.layout}")
+        images = [(rows, cols, self._places(rows, cols, gamma_t)) for rows, cols in self.layout]
+        total, done = sum(len(places) for _, _, places in images), 0
+
+        def ran(n: int) -> None:
+            nonlocal done
+            done += n
+            if self.on_windows is not None:
+                self.on_windows(done, total)
+
         eps, factor, start = torch.empty_like(z), None, 0
-        for rows, cols in self.layout:
+        for rows, cols, places in images:
             n = rows * cols
             canvas = from_tiles(z[start : start + n], rows * t, cols * t)
-            out_eps, out_factor = self._outputs(canvas, self._offsets(gamma_t, rows, cols), gamma_t)
+            out_eps, out_factor = self._outputs(canvas, places, gamma_t, ran)
             eps[start : start + n] = to_tiles(out_eps, t)
             if out_factor is not None:
                 factor = torch.empty_like(z) if factor is None else factor
@@ -128,15 +149,11 @@ class Windowed(nn.Module):
             start += n
         return eps, factor
 
-    def _outputs(self, canvas: Tensor, offsets: list[Offset], gamma_t: Tensor) -> Output:
-        """The network's outputs on one canvas, its windows `batch` at a time: each pixel's from the
-        window that keeps it (one grid), or blended (several)."""
+    def _outputs(self, canvas: Tensor, places: list[Place], gamma_t: Tensor, ran: Callable[[int], None]) -> Output:
+        """The network's outputs on one canvas, its windows `places` `batch` at a time (`ran(n)` after
+        each call on n): each pixel's from the window that keeps it (one grid), or blended (several)."""
         t, (_, h, w) = self.tile, canvas.shape
-        places = []  # (grid, window top, window left, kept rows, kept columns)
-        for g, (oy, ox) in enumerate(offsets):
-            ys, xs = _axis(h, t, oy), _axis(w, t, ox)
-            places += [(g, y, x, ky, kx) for y, ky in zip(*ys) for x, kx in zip(*xs)]
-        blended = len(offsets) > 1
+        blended = len({grid for grid, *_ in places}) > 1
         weight = window_weight(t, canvas.dtype).to(canvas.device)
         sums: list[Tensor | None] = [None, None]
         count = canvas.new_zeros(1, h, w) if blended else None
@@ -155,5 +172,6 @@ class Windowed(nn.Module):
             if blended:
                 for _, y, x, _, _ in batch:
                     count[:, y : y + t, x : x + t] += weight
+            ran(len(batch))
         eps, factor = (part / count if blended and part is not None else part for part in sums)
         return eps, factor
