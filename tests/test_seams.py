@@ -56,14 +56,14 @@ def test_shifted_windows_lie_inside_the_canvas_and_straddle_the_tiles(batch):
     """On a 2×3-tile canvas, step 0's windows are the tiles; step 1's are 3×4 windows, every one a
     16×16 block of the canvas (the edge ones at its edges), the inner ones centred on tile corners."""
     recorder = Recorder()
-    windowed = Windowed(recorder, 16, gammas=[-1.0, 0.5], shifted=True, batch=batch)
+    windowed = Windowed(recorder, 16, shifted=True, batch=batch)
     z = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     canvas = torch.cat([torch.cat(list(z[r * 3 : r * 3 + 3]), dim=2) for r in range(2)], dim=1)  # 3×32×48
     with windowed.arranged([(2, 3)]):
-        windowed(z, torch.tensor(-1.0, dtype=torch.float64))
+        windowed(z, torch.tensor(-1.0, dtype=torch.float64), 0)
         first = torch.cat(recorder.seen)
         recorder.seen.clear()
-        windowed(z, torch.tensor(0.5, dtype=torch.float64))
+        windowed(z, torch.tensor(-1.0, dtype=torch.float64), 1)  # the grid is the step's, whatever γ_t
     assert torch.equal(first, z)
     shifted = torch.cat(recorder.seen)
     assert len(shifted) == 3 * 4 and all(len(w) <= batch for w in recorder.seen)
@@ -94,17 +94,15 @@ class PixelWise(torch.nn.Module):
 def test_windowed_outputs_of_a_pixelwise_network_are_the_networks(shifted, blend):
     """Cropped or blended, the windows' outputs land on the pixels they came from (the blending
     weights sum to one), for every step's grid and several images of different sizes at once."""
-    windowed = Windowed(PixelWise(), 16, gammas=[-1.0, 0.5, 2.0], shifted=shifted, batch=5)
+    windowed = Windowed(PixelWise(), 16, shifted=shifted, batch=5)
     layout = [(2, 3), (1, 1), (1, 2)]
     z = torch.randn(sum(r * c for r, c in layout), 3, 16, 16, dtype=torch.float64)
     expected = PixelWise()(z, None)
-    for gamma in (-1.0, 0.5):
+    for step, gamma in enumerate((-1.0, 0.5)):
         with windowed.arranged(layout, blend=blend):
-            eps, factor = windowed(z, torch.tensor(gamma, dtype=torch.float64))
+            eps, factor = windowed(z, torch.tensor(gamma, dtype=torch.float64), step)
         assert torch.allclose(eps, expected[0], rtol=0, atol=1e-12)
         assert torch.allclose(factor, expected[1], rtol=0, atol=1e-12)
-    with pytest.raises(RuntimeError, match="not one of the model's steps"), windowed.arranged(layout):
-        windowed(z, torch.tensor(3.0, dtype=torch.float64))
 
 
 # --- the released model on a Kodak crop -------------------------------------------------------

@@ -36,8 +36,9 @@ def sum_per_image(x: Tensor) -> Tensor:
 
 @dataclass
 class Step:
-    """Schedule quantities of the step t → s (scalars, shared by a whole batch)."""
+    """Step i's schedule quantities, t → s (scalars, shared by a whole batch)."""
 
+    i: int | Tensor  # the step's index, 0-based (per image in the one-step estimator)
     gamma_t: Tensor
     gamma_s: Tensor
     alpha_t: Tensor
@@ -122,7 +123,7 @@ class DiscreteDiffusion(nn.Module, ABC):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(gamma_t), alpha_sigma(gamma_s)
         e = -torch.expm1(gamma_s - gamma_t)
         delta = math.sqrt(12) * sigma_s * e.sqrt()
-        return Step(gamma_t, gamma_s, alpha_t, sigma_t, alpha_s, sigma_s, e, delta)
+        return Step(i, gamma_t, gamma_s, alpha_t, sigma_t, alpha_s, sigma_s, e, delta)
 
     def posterior_mean(self, x: Tensor, z_t: Tensor, st: Step) -> Tensor:
         """μ_q = α_s·((1 − e)/α_t·z_t + e·x)."""
@@ -130,7 +131,7 @@ class DiscreteDiffusion(nn.Module, ABC):
 
     def prior(self, z_t: Tensor, st: Step) -> Prior:
         """One network call: ε̂ at z_t, then μ_p and the std of g (c times the learned factor)."""
-        eps_hat, factor = self.network(z_t, st.gamma_t)
+        eps_hat, factor = self.predict(z_t, st)
         x_hat_unclipped = (z_t - st.sigma_t * eps_hat) / st.alpha_t
         x_hat = x_hat_unclipped.clamp(-1, 1)
         if self.clip_prior_mean:
@@ -142,6 +143,10 @@ class DiscreteDiffusion(nn.Module, ABC):
         if factor is not None:
             std = std * factor
         return Prior(mean, std.expand_as(mean), x_hat, x_hat_unclipped)
+
+    def predict(self, z_t: Tensor, st: Step) -> tuple[Tensor, Tensor | None]:
+        """The network's (ε̂, scale factor or None) at z_t of step `st`: `network(z_t, γ_t)`."""
+        return self.network(z_t, st.gamma_t)
 
     def base(self, prior: Prior):
         """The base density g of the prior (centred at 0)."""

@@ -80,7 +80,8 @@ def per_image_step(model: DiscreteDiffusion, i: Tensor, ndim: int) -> Step:
     """The schedule quantities of step i_b for each image b, shaped (B, 1, …) to broadcast."""
     steps = [model.step(j) for j in range(model.n_timesteps)]
     shape = (-1, *[1] * (ndim - 1))
-    return Step(**{f.name: torch.stack([getattr(s, f.name) for s in steps])[i].view(shape) for f in fields(Step)})
+    quantities = (f.name for f in fields(Step) if f.name != "i")
+    return Step(i=i.view(shape), **{q: torch.stack([getattr(s, q) for s in steps])[i].view(shape) for q in quantities})
 
 
 def one_step_nelbo(model: DiscreteDiffusion, x_raw: Tensor, steps: Tensor | None = None) -> dict[str, Tensor]:

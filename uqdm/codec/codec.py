@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from uqdm.diffusion import RECONSTRUCTIONS, UQDM, Prior, to_centered
+from uqdm.diffusion import RECONSTRUCTIONS, UQDM, Prior, Step, to_centered
 from uqdm.errors import UQDMError
 from uqdm.options import BATCH_TILES, DEFAULT_LAYERS
 from uqdm.schedules import alpha_sigma
@@ -111,6 +111,13 @@ def fingerprint(model: UQDM) -> bytes:
     return digest.digest()[:FINGERPRINT_BYTES]
 
 
+class WindowedUQDM(UQDM):
+    """The codec's copy of a UQDM: its network, a `windows.Windowed`, is told the step of each call."""
+
+    def predict(self, z_t: Tensor, st: Step) -> tuple[Tensor, Tensor | None]:
+        return self.network(z_t, st.gamma_t, st.i)
+
+
 def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT_MODE, tile: int = 64,
                 grid_kind: str = DEFAULT_GRID, tiles: int = 0) -> UQDM:
     """A float64, eval-mode copy of the model whose network runs on the windows of `windows` (the
@@ -122,13 +129,13 @@ def codec_model(model: UQDM, batch_tiles: int = BATCH_TILES, mode: str = DEFAULT
     if grid_kind not in GRIDS:
         raise UQDMError(f"unknown grid {grid_kind!r}; choose one of {', '.join(GRIDS)}")
     net = copy.deepcopy(as_uqdm(model)).double().eval()
+    net.__class__ = WindowedUQDM  # the same model and state, whose network calls name their step
     threads = torch.get_num_threads()
     if mode == "fast":
         inner, batch = PerTile(net.network, threads, recorded=tiles), max(batch_tiles, threads)
     else:
         inner, batch = SubBatched(net.network, batch_tiles), batch_tiles
-    gammas = [float(net.step(i).gamma_t) for i in range(net.n_timesteps)]
-    net.network = Windowed(inner, tile, gammas, shifted=grid_kind == "shifted", batch=batch)
+    net.network = Windowed(inner, tile, shifted=grid_kind == "shifted", batch=batch)
     return net
 
 

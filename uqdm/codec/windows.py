@@ -77,22 +77,17 @@ Place = tuple[int, int, int, tuple[int, int], tuple[int, int]]  # grid, top, lef
 class Windowed(nn.Module):
     """A score network run on the windows of `windows`'s module docstring, `batch` windows per call.
 
-    `forward(z, γ_t)` takes the base-grid tiles of the images of `arranged`'s layout (in that order)
-    and returns the network's outputs in the same order; besides them it holds one image's canvas
-    of outputs and `batch` windows at a time. The step is recognised by its γ_t
-    (`gammas[i]` is step i's: the codec computes them with the same code on both sides).
+    `forward(z, γ_t, i)` takes the base-grid tiles of the images of `arranged`'s layout (in that
+    order) at step i and returns the network's outputs in the same order; besides them it holds one
+    image's canvas of outputs and `batch` windows at a time.
     `on_windows(done, total)`, when set, is called after every `batch` windows of a pass (one
     `forward`) with the windows run so far in the pass and the pass's total (progress display).
     """
 
-    def __init__(self, network: nn.Module, tile: int, gammas: Sequence[float], shifted: bool = True,
-                 batch: int = 4):
+    def __init__(self, network: nn.Module, tile: int, shifted: bool = True, batch: int = 4):
         super().__init__()
         self.network, self.tile, self.shifted, self.batch = network, tile, shifted, max(1, batch)
         self.n_channels = network.n_channels
-        self.steps = {g: i for i, g in enumerate(gammas)}
-        if len(self.steps) != len(gammas):
-            raise ValueError("two steps of the schedule have the same γ_t; the grids cannot tell them apart")
         self.layout: list[tuple[int, int]] = []
         self.blend = False
         self.on_windows: Callable[[int, int], None] | None = None
@@ -108,27 +103,24 @@ class Windowed(nn.Module):
         finally:
             self.layout, self.blend = before
 
-    def _offsets(self, gamma_t: Tensor, rows: int, cols: int) -> list[Offset]:
+    def _offsets(self, step: int, rows: int, cols: int) -> list[Offset]:
         if self.blend:
             return blend_offsets(rows, cols, self.tile)
-        step = self.steps.get(float(gamma_t))
-        if step is None:
-            raise RuntimeError(f"γ_t = {float(gamma_t)} is not one of the model's steps")
         return [step_offset(step, rows, cols, self.tile) if self.shifted else (0, 0)]
 
-    def _places(self, rows: int, cols: int, gamma_t: Tensor) -> list[Place]:
-        """The windows of one image of rows×cols tiles, grid after grid."""
+    def _places(self, rows: int, cols: int, step: int) -> list[Place]:
+        """The windows of one image of rows×cols tiles at step `step`, grid after grid."""
         t, places = self.tile, []
-        for g, (oy, ox) in enumerate(self._offsets(gamma_t, rows, cols)):
+        for g, (oy, ox) in enumerate(self._offsets(step, rows, cols)):
             ys, xs = _axis(rows * t, t, oy), _axis(cols * t, t, ox)
             places += [(g, y, x, ky, kx) for y, ky in zip(*ys) for x, kx in zip(*xs)]
         return places
 
-    def forward(self, z: Tensor, gamma_t: Tensor) -> Output:
+    def forward(self, z: Tensor, gamma_t: Tensor, step: int) -> Output:
         t = self.tile
         if sum(r * c for r, c in self.layout) != len(z):
             raise RuntimeError(f"{len(z)} tiles do not match the layout {self.layout}")
-        images = [(rows, cols, self._places(rows, cols, gamma_t)) for rows, cols in self.layout]
+        images = [(rows, cols, self._places(rows, cols, step)) for rows, cols in self.layout]
         total, done = sum(len(places) for _, _, places in images), 0
 
         def ran(n: int) -> None:
