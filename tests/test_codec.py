@@ -209,6 +209,22 @@ def test_refinement_layer_bits_add_up_to_the_steps():
     assert sum(bits) == pytest.approx(tables.ideal_step_bits(model.std, torch.tensor(1.0), model.u, k, "logistic"), rel=1e-9)
 
 
+def test_a_decoder_without_ideal_bits_learns_the_same_and_refuses_to_count_bits():
+    """Without the prior's std (how `uqdm decompress` decodes), every layer narrows the same cells
+    and the estimates are the same; asking it for ideal bits is a clear error, not a crash."""
+    model, k = _step((-30, 60), "logistic", n=800)
+    lean = tables.StepModel(model.u, model.j, "logistic")
+    full, bare = Refinement(model, 3), Refinement(lean, 3)
+    for _ in range(3):
+        values = full.values(k)
+        assert torch.equal(bare.values(k), values)
+        full.receive(values)
+        assert bare.receive(values, bits=False) is None
+        assert torch.equal(bare.fill(), full.fill())
+    with pytest.raises(ValueError, match="ideal=True"):
+        Refinement(lean, 3).receive(values)
+
+
 def test_refinement_plan_narrows_by_expected_variance_per_bit_into_equal_shares():
     """Stages only rise from layer to layer, every symbol is exact after the last; a symbol of a
     wide prior is coarsely known before a narrow one is exact; one layer is the one-layer step."""

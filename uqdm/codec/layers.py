@@ -290,6 +290,8 @@ class Refinement:
         the layer's ideal bits: −log₂ P(new cell | old cell) summed under the unquantised prior
         (the model's `std`), a cell standing for its interval of x (±inf at the tails; k's own
         interval once k is exact)."""
+        if bits and self.log_mass is None:
+            raise ValueError("ideal bits need the prior's unrounded std: make the step's model with ideal=True")
         total, at = 0.0, 0
         for part in self._rows():
             v = values[at: at + len(part.rows)]
