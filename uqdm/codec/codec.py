@@ -252,9 +252,9 @@ def compress(model: UQDM, images: list[Tensor], steps: int | None = None, seed: 
     first c chunks of every file are coded (c = 0: set-up done, nothing coded yet); `on_windows(done,
     total)` as the network runs the windows of a pass (`windows.Windowed`, all images together: one
     pass per step). `lost[n]` names what image n lacks of the file it was read from
-    (`uqdm.images.load_image_and_losses`), recorded in its header. `mode`: "fast" or "portable" (see the module docstring); `grid_kind`:
-    "shifted" (the network's windows move by half a tile every other step) or "fixed" (see
-    `windows`). Returns one file's bytes per image.
+    (`uqdm.images.load_image_and_losses`), recorded in its header. `mode`: "fast" or "portable"
+    (see the module docstring); `grid_kind`: "shifted" (the network's windows move by half a tile
+    every other step) or "fixed" (see `windows`). Returns one file's bytes per image.
     """
     return [e.data for e in _encode(model, images, [seed] * len(images), steps, None, tile, batch_tiles, on_chunk,
                                     layers, mode, grid_kind, True, lost, on_windows)]
