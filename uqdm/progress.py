@@ -4,7 +4,8 @@ pass in progress.
 The bar counts an input's step as one unit: `uqdm compress` of N images of K chunks each runs to
 N·K. Within a step it shows the windows the score network has run of the pass under way against
 the pass's own total (`windows.Windowed`: coding a step is one pass, over more windows than tiles
-on the shifted grid's odd steps; every picture of a lossy point is one or more passes of its own). It is drawn on stderr only when stderr is a terminal and `--quiet` is not given (`visible`);
+on the shifted grid's odd steps; every picture of a lossy point is one or more passes of its own).
+It is drawn on stderr only when stderr is a terminal and `--quiet` is not given (`visible`);
 otherwise nothing at all is written by it, so scripts and pipes see the commands' plain output.
 While it is drawn, the command's own lines (stdout and stderr) are written above it.
 """
